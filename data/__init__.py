@@ -1,0 +1,3 @@
+from models import torchvision_shim as _torchvision_shim
+
+_torchvision_shim.apply()

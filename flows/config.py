@@ -1,0 +1,293 @@
+"""Typed configuration: one pydantic model per stage, composed into `PipelineConfig`, plus YAML presets.
+
+Field descriptions, bounds and `Literal` choices are the documentation: the Prefect UI renders them as a
+form and the CLI validates with them, so a bad value fails before any work with the field's name. Defaults
+are the paper's recipe (`imagenet256`); the `tiny` preset overrides them for a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_PACKAGE = "flows.presets"
+DEFAULT_WORKSPACE = "workspace"
+SOURCE_KINDS = ("synthetic:shapes", "folder:<path>", "hf:<dataset id or saved path>")
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts; the message names the field."""
+
+
+class StageConfig(BaseModel):
+    """Base for stage configs: unknown fields are errors, and runtime-only fields stay out of fingerprints."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    runtime_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that change the stage's output (not worker counts, devices or batch sizes)."""
+        return self.model_dump(mode="json", exclude=set(self.runtime_fields))
+
+
+class DownloadConfig(StageConfig):
+    source: str = Field(
+        "folder:/data/imagenet/train",
+        description="Where images come from: 'synthetic:shapes' (the embedded default), 'folder:<path>' "
+        "(ImageNet class/*.JPEG layout or a flat image folder) or 'hf:<dataset id or save_to_disk path>'.",
+    )
+    split: str = Field("train", description="Dataset split (hf: and synthetic: sources).")
+    max_images: int | None = Field(None, ge=1, description="Keep at most this many images (None: all).")
+    shard_size: int = Field(2000, ge=1, le=100_000, description="Images per Parquet shard.")
+    max_side: int | None = Field(
+        512, ge=16, description="Longer side of stored images; larger ones are downscaled (None: keep)."
+    )
+    min_side: int = Field(8, ge=1, description="Images with a shorter side are rejected.")
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Images declaring more pixels are rejected as decompression bombs."
+    )
+    seed: int = Field(0, description="Seed of the synthetic generator.")
+    hf_revision: str | None = Field(None, description="Dataset revision for hf: sources.")
+    workers: int = Field(4, ge=1, le=256, description="Parallel shard workers (threads).")
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers"})
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if v == "synthetic:shapes" or (kind in ("folder", "hf") and rest):
+            return v
+        raise ValueError(f"unknown source {v!r}; allowed: {', '.join(SOURCE_KINDS)}")
+
+    @model_validator(mode="after")
+    def _synthetic_needs_size(self) -> DownloadConfig:
+        if self.source.startswith("synthetic:") and self.max_images is None:
+            raise ValueError("max_images is required for synthetic sources (they are unbounded)")
+        return self
+
+
+class RecaptionConfig(StageConfig):
+    backend: Literal["vllm", "transformers", "template"] = Field(
+        "vllm", description="vllm: batched offline inference; transformers: generate(); template: class names."
+    )
+    model: str = Field(
+        "llava-hf/llama3-llava-next-8b-hf",
+        description="VLM: a Hub id, a local path, or 'tiny:llava' (built locally, for CPU runs).",
+    )
+    revision: str | None = Field(None, description="Model revision (Hub), recorded in the manifest.")
+    prompt: str = Field("Describe this image", description="User turn sent with the image.")
+    template: str = Field(
+        "An image of {class_name}", description="Caption of the template backend; {class_name} is filled in."
+    )
+    max_new_tokens: int = Field(200, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (the paper).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16")
+    max_model_len: int = Field(4096, ge=64, description="vLLM context length (prompt + image + caption).")
+    max_num_seqs: int = Field(64, ge=1, description="vLLM: sequences decoded concurrently.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM: share of GPU memory.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per engine.")
+    batch_size: int = Field(16, ge=1, description="transformers backend: images per generate() call.")
+    seed: int = Field(0)
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {"max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size", "batch_size"}
+    )
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        if self.backend == "template":  # the model settings do not touch template captions
+            return {"backend": "template", "template": self.template}
+        return super().fingerprint_fields()
+
+    @field_validator("template")
+    @classmethod
+    def _has_placeholder(cls, v: str) -> str:
+        if "{class_name}" not in v:
+            raise ValueError("template must contain '{class_name}'")
+        return v
+
+
+class LatentsConfig(StageConfig):
+    vae: str = Field(
+        "stabilityai/sd-vae-ft-ema", description="diffusers AutoencoderKL: Hub id, local path or 'tiny:vae'."
+    )
+    revision: str | None = Field(None)
+    resolution: int = Field(256, gt=0, le=4096, description="Center crop + resize to this square size.")
+    batch_size: int = Field(32, ge=1, description="Images per VAE forward.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="VAE compute precision.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (VAE downsampling), got {v}")
+        return v
+
+
+class TextConfig(StageConfig):
+    encoder: str = Field(
+        "google/flan-t5-xl", description="T5 encoder: Hub id, local path or 'tiny:t5' (built locally)."
+    )
+    revision: str | None = Field(None)
+    max_length: int = Field(256, ge=1, le=4096, description="Text tokens kept (with a padding mask).")
+
+
+class TrainConfig(StageConfig):
+    model: Literal["dit"] = Field("dit", description="Denoiser architecture (DiT-I).")
+    size: Literal["tiny", "base", "L"] = Field("L", description="Denoiser size preset.")
+    steps: int = Field(500_000, ge=1)
+    batch_size: int = Field(1024, ge=1, description="Global batch size.")
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.999))
+    weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["lamb", "adamw"] = Field("lamb")
+    warmup_steps: int = Field(5000, ge=0)
+    final_lr_ratio: float = Field(0.21, ge=0, le=1, description="Cosine decay ends at lr × this.")
+    grad_clip: float = Field(2.0, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    cfg_dropout: float = Field(0.1, ge=0, le=1, description="Share of samples trained with the empty text.")
+    scale_factor: float | Literal["auto"] = Field(
+        0.18215, description="Latent scale (0.18215 for the SD VAE); 'auto' = 1/std measured by latents."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16")
+    checkpoint_every: int = Field(5000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(100, ge=1)
+    seed: int = Field(0)
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device"})
+
+
+class EvaluateConfig(StageConfig):
+    prompts: str = Field(
+        "shapes:val",
+        description="Prompt set: 'shapes:<split>' (shapes world, scored from pixels) or 'file:<path>' "
+        "(one prompt per line).",
+    )
+    num_prompts: int = Field(64, ge=1, description="Prompts taken from the set.")
+    images_per_prompt: int = Field(1, ge=1, le=64)
+    sampler: Literal["ddim"] = Field("ddim")
+    steps: int = Field(50, ge=1, le=2000)
+    guidance_scale: float = Field(4.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = Field(0)
+    use_ema: bool = Field(True, description="Sample with the EMA weights.")
+    device: str = Field("auto")
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+
+    @field_validator("prompts")
+    @classmethod
+    def _known_prompts(cls, v: str) -> str:
+        kind, _, rest = v.partition(":")
+        if kind in ("shapes", "file") and rest:
+            return v
+        raise ValueError(f"unknown prompt set {v!r}; allowed: 'shapes:<split>', 'file:<path>'")
+
+
+class PipelineConfig(BaseModel):
+    """The whole pipeline; every stage command reads the same object, so inputs are found, not passed."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    preset: str = Field("custom", description="Name of the preset this config came from (informational).")
+    workspace: str = Field(DEFAULT_WORKSPACE, description="Root folder of all artifacts.")
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+
+# --- presets and overrides --------------------------------------------------------------------------------
+
+
+def available_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    presets = available_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(presets)}")
+    data = yaml.safe_load(resources.files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text()) or {}
+    data["preset"] = name
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'section.field=value' → (['section', 'field'], value); the value is read as YAML (numbers, null, lists)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
+        raise ConfigError(f"bad --set {item!r}: expected section.field=value, e.g. latents.resolution=256")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"bad --set {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = _section_model(e["loc"][:-1])
+            allowed = ", ".join(sorted(section.model_fields)) if section else ""
+            msg = f"unknown field; allowed fields: {allowed}"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {loc or '(config)'}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def load_config(
+    preset: str = "tiny", overrides: list[str] | None = None, workspace: str | None = None
+) -> PipelineConfig:
+    """Preset + `--set` overrides + workspace (argument, then $T2I_WORKSPACE, then ./workspace), validated."""
+    data = apply_overrides(preset_dict(preset), list(overrides or []))
+    ws = workspace or os.environ.get("T2I_WORKSPACE")
+    if ws:
+        data["workspace"] = ws
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None

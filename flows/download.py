@@ -1,0 +1,36 @@
+"""The download flow: a source → `images` shards (safe decoding, RGB, size cap, rejects with reasons)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.config import PipelineConfig
+from flows.plan import Plan
+from flows.stage_runner import run_sharded_stage, skipped_summary
+from tasks.download import download_shard
+
+
+@flow(name="download", description="Fetch and decode images into Parquet shards.", log_prints=True)
+def download_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    plan = Plan(cfg)
+    artifact = plan.images
+    if artifact.is_complete():
+        return skipped_summary("download", artifact)
+    source = plan.source
+    runner = download_shard.with_options(task_run_name="download-{index}")
+
+    def extra() -> dict[str, Any]:
+        return {"source": cfg.download.source, "ignored_files": getattr(source, "ignored", 0)}
+
+    with ThreadPoolTaskRunner(max_workers=cfg.download.workers) as pool:
+        return run_sharded_stage(
+            "download",
+            artifact,
+            plan.num_shards,
+            lambda i: pool.submit(runner, parameters=dict(cfg=cfg.download, artifact=artifact, index=i, source=source)),
+            concurrent=True,
+            extra=extra,
+        )

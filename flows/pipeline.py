@@ -1,0 +1,30 @@
+"""The whole pipeline as one flow: each stage is a subflow, skipped when its artifact is complete.
+
+download → recaption → latents → train → evaluate (CutMix composites slot in after download).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from flows.download import download_flow
+from flows.evaluate import evaluate_flow
+from flows.latents import latents_flow
+from flows.recaption import recaption_flow
+from flows.train import train_flow
+
+STAGE_FLOWS = {
+    "download": download_flow,
+    "recaption": recaption_flow,
+    "latents": latents_flow,
+    "train": train_flow,
+    "evaluate": evaluate_flow,
+}
+
+
+@flow(name="pipeline", description="Run every stage in order; finished stages are skipped.", log_prints=True)
+def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    return {stage: run(cfg) for stage, run in STAGE_FLOWS.items()}

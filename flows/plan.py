@@ -1,0 +1,89 @@
+"""Where every stage's artifact lives for a given config: fingerprints chained from the inputs down.
+
+One source of truth for paths: the stage flows, `t2i status` and the deployments all ask the plan.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from data.sources import Source, open_source
+from data.store import Artifact, fingerprint
+from flows.config import PipelineConfig
+from tasks import download as download_task
+from tasks import evaluate as evaluate_task
+from tasks import latents as latents_task
+from tasks import recaption as recaption_task
+from tasks import train as train_task
+
+STAGES = ("download", "recaption", "latents", "train", "evaluate")
+
+
+class MissingInput(RuntimeError):
+    """A stage's input artifact is not complete; the message names the command that makes it."""
+
+
+@dataclass
+class Plan:
+    cfg: PipelineConfig
+
+    @functools.cached_property
+    def source(self) -> Source:
+        d = self.cfg.download
+        return open_source(d.source, split=d.split, seed=d.seed, max_images=d.max_images, revision=d.hf_revision)
+
+    def _artifact(self, stage: str, version: int, config: dict, inputs: dict[str, str]) -> Artifact:
+        fp = fingerprint(stage, version, config, inputs)
+        return Artifact(self.cfg.workspace_path, stage, fp, extra={"config": config, "inputs": inputs})
+
+    @functools.cached_property
+    def images(self) -> Artifact:
+        config = self.cfg.download.fingerprint_fields()
+        config["source_identity"] = self.source.identity()
+        return self._artifact("download", download_task.VERSION, config, {})
+
+    @property
+    def num_shards(self) -> int:
+        return download_task.num_shards(len(self.source), self.cfg.download.shard_size)
+
+    @functools.cached_property
+    def captions(self) -> Artifact:
+        cfg = self.cfg.recaption.fingerprint_fields()
+        return self._artifact("recaption", recaption_task.VERSION, cfg, {"images": self.images.fingerprint})
+
+    @functools.cached_property
+    def latents(self) -> Artifact:
+        cfg = self.cfg.latents.fingerprint_fields()
+        return self._artifact("latents", latents_task.VERSION, cfg, {"images": self.images.fingerprint})
+
+    @functools.cached_property
+    def checkpoints(self) -> Artifact:
+        cfg = {"train": self.cfg.train.fingerprint_fields(), "text": self.cfg.text.fingerprint_fields()}
+        inputs = {"latents": self.latents.fingerprint, "captions": self.captions.fingerprint}
+        return self._artifact("train", train_task.VERSION, cfg, inputs)
+
+    @functools.cached_property
+    def evaluation(self) -> Artifact:
+        cfg = self.cfg.evaluate.fingerprint_fields()
+        return self._artifact("evaluate", evaluate_task.VERSION, cfg, {"train": self.checkpoints.fingerprint})
+
+    def artifact(self, stage: str) -> Artifact:
+        return {
+            "download": lambda: self.images,
+            "recaption": lambda: self.captions,
+            "latents": lambda: self.latents,
+            "train": lambda: self.checkpoints,
+            "evaluate": lambda: self.evaluation,
+        }[stage]()
+
+    def require(self, stage: str) -> Artifact:
+        """The artifact of `stage`, which must be complete; otherwise say which command makes it."""
+        art = self.artifact(stage)
+        if not art.is_complete():
+            preset = self.cfg.preset
+            raise MissingInput(
+                f"the {stage} output for this config is missing or incomplete ({art.root}); "
+                f"run `t2i {stage} --preset {preset}` with the same --set options first"
+            )
+        return art

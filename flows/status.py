@@ -1,0 +1,53 @@
+"""`t2i status`: what exists on disk for a config, stage by stage (no Prefect needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flows.config import PipelineConfig
+from flows.plan import STAGES, Plan
+from tasks.train import checkpoint_dirs
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage: str
+    state: str  # "complete" | "partial" | "not started"
+    detail: str
+    path: str
+
+
+def stage_statuses(cfg: PipelineConfig) -> list[StageStatus]:
+    plan = Plan(cfg)
+    out = []
+    for stage in STAGES:
+        art = plan.artifact(stage)
+        if art.is_complete():
+            m = art.read_manifest()
+            detail = f"{m['rows']} rows, {m['rejects']} rejects" if "rows" in m else f"{m.get('seconds', 0):.0f}s"
+            if stage == "train":
+                detail = f"{m.get('step')} steps"
+            out.append(StageStatus(stage, "complete", detail, str(art.root)))
+            continue
+        if stage in ("download", "recaption", "latents"):
+            n = plan.num_shards
+            k = len(art.done_shards(n)) if art.root.is_dir() else 0
+            out.append(StageStatus(stage, "partial" if k else "not started", f"{k} of {n} shards", str(art.root)))
+        elif stage == "train":
+            ckpts = checkpoint_dirs(art.root)
+            last = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+            detail = f"{last} of {cfg.train.steps} steps"
+            out.append(StageStatus(stage, "partial" if ckpts else "not started", detail, str(art.root)))
+        else:
+            started = art.root.is_dir()
+            out.append(StageStatus(stage, "partial" if started else "not started", "", str(art.root)))
+    return out
+
+
+def format_statuses(statuses: list[StageStatus]) -> str:
+    width = max(len(s.stage) for s in statuses)
+    lines = []
+    for s in statuses:
+        detail = f" ({s.detail})" if s.detail else ""
+        lines.append(f"{s.stage:<{width}}  {s.state + detail:<32}  {s.path}")
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""The train flow: latents + captions → denoiser checkpoints; a rerun resumes from the newest checkpoint."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from flows.plan import Plan
+from flows.stage_runner import skipped_summary
+from tasks.train import FINAL, train_denoiser
+
+
+def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> float:
+    """'auto' scales latents to unit variance using the std the latents stage measured."""
+    if cfg.train.scale_factor != "auto":
+        return float(cfg.train.scale_factor)
+    return 1.0 / plan.latents.read_manifest()["latent_std"]
+
+
+@flow(name="train", description="Train the text-to-image denoiser (resumable).", log_prints=True)
+def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    plan = Plan(cfg)
+    latents, captions = plan.require("latents"), plan.require("recaption")
+    artifact = plan.checkpoints
+    if artifact.is_complete():
+        return skipped_summary("train", artifact)
+    started = time.time()
+    scale = resolve_scale_factor(cfg, plan)
+    result = train_denoiser(cfg.train, cfg.text, artifact, latents, captions, plan.num_shards, scale)
+    artifact.write_manifest(
+        config=artifact.extra["config"],
+        inputs=artifact.extra["inputs"],
+        started=started,
+        extra={**result, "scale_factor": scale, "final": str(artifact.root / FINAL)},
+    )
+    return {"stage": "train", "path": str(artifact.root), "skipped": False, **result}

@@ -1,0 +1,245 @@
+"""Tiny, randomly initialised models built locally from configs: the embedded default needs no Hub.
+
+`resolve_model("tiny:llava", workspace)` builds the model once (seeded, so every machine gets the same
+weights), saves it in Hugging Face format under `<workspace>/models/`, and returns the path; any other
+reference (a Hub id or a local path) is returned unchanged, so the loading code is the real one either way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+TINY_PREFIX = "tiny:"
+TINY_VERSION = 1  # bump when a builder changes, so cached builds are not reused
+
+# Words the tiny tokenizers must know: the shapes world's captions and the prompts sent with images.
+_CORPUS = [
+    "a large red circle in the top left, a small blue square in the center and a large green triangle at the bottom",
+    "a small yellow square on the left and a large purple circle on the right",
+    "a large orange triangle in the top right, a small red square in the bottom left",
+    "a small green circle at the top and a large blue triangle in the bottom right",
+    "describe the image. Describe this image. An image of a red circle.",
+    "USER: ASSISTANT: the image shows shapes on a plain background. 0 1 2 3 4 5 6 7 8 9 , . ! ? : ; - ' \"",
+] * 4
+
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% else %}SYSTEM: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url', 'image_pil') %}<image>{{ '\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def is_tiny(ref: str) -> bool:
+    return ref.startswith(TINY_PREFIX)
+
+
+def resolve_model(ref: str, workspace: str | Path) -> str:
+    """Return a loadable path or Hub id for `ref`, building a `tiny:*` model on first use."""
+    if not is_tiny(ref):
+        return ref
+    name = ref[len(TINY_PREFIX) :]
+    if name not in BUILDERS:
+        raise ValueError(f"unknown tiny model {ref!r}; available: {', '.join('tiny:' + n for n in BUILDERS)}")
+    out = Path(workspace) / "models" / f"tiny-{name}-v{TINY_VERSION}"
+    if (out / "config.json").is_file():
+        return str(out)
+    from data.store import atomic_path
+
+    try:
+        with atomic_path(out) as tmp:
+            BUILDERS[name](tmp)
+    except OSError:
+        if not (out / "config.json").is_file():  # lost a race with another builder: theirs is as good
+            raise
+    return str(out)
+
+
+def _bpe_tokenizer(specials: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return tok
+
+
+def build_tiny_llava(out: Path, image_size: int = 32, patch: int = 8, seed: int = 0) -> None:
+    """A LLaVA-1.5-layout model (CLIP vision + Llama) that vLLM serves like any llava-hf checkpoint.
+
+    vLLM's CPU attention needs a head size of 32/64/80/...: hidden 64 with 2 heads gives 32.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    try:  # transformers 5 splits image processors into torchvision / PIL backends
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], 400),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=512,
+    )
+    tokenizer.chat_template = _LLAVA_CHAT_TEMPLATE
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vocab_padded = (len(tokenizer) + 63) // 64 * 64
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=64,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_padded,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    num_image_tokens = (image_size // patch) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=num_image_tokens,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = ImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_resize=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    rename_vision_tower_keys(out / "model.safetensors")
+
+
+def rename_vision_tower_keys(path: Path) -> None:
+    """transformers 5 saves the CLIP tower as `vision_tower.embeddings.*`; vLLM (and every llava-hf
+    checkpoint) uses `vision_tower.vision_model.*`. transformers loads both, so rename to the common one."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    fixed = {}
+    for k, v in state.items():
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
+        fixed[k] = v.contiguous()
+    save_file(fixed, path, metadata={"format": "pt"})
+
+
+def build_tiny_vae(out: Path, seed: int = 0) -> None:
+    """An AutoencoderKL with the SD layout (4 latent channels) and 4× downsampling, small enough for a CPU."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    vae.save_pretrained(out)
+
+
+def build_tiny_t5(out: Path, seed: int = 0) -> None:
+    """A T5 encoder with a locally trained tokenizer that, like T5's, appends `</s>` and pads with id 0."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = _bpe_tokenizer(["<pad>", "</s>", "<unk>"], 400)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=512
+    )
+    config = T5Config(
+        vocab_size=(len(tokenizer) + 63) // 64 * 64,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    T5EncoderModel(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "llava": build_tiny_llava,
+    "vae": build_tiny_vae,
+    "t5": build_tiny_t5,
+}
+
+
+def describe_model(ref: str, path: str) -> dict[str, str]:
+    """What the manifest records about a model: the reference, and where it was loaded from."""
+    info = {"ref": ref}
+    if os.path.isdir(path):
+        info["path"] = str(path)
+    return info

@@ -1,0 +1,37 @@
+"""The VAE interface: what is stored is the raw posterior (mean, std); scaling happens at load time.
+
+Following EDM2's encoders, the stored moments never need recomputing when the latent scale changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def load_vae(path: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path, revision=revision, torch_dtype=getattr(torch, dtype))
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def encode_moments(vae, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """images: (B, 3, H, W) float32 in [-1, 1] → posterior mean and std, float16, (B, C, h, w)."""
+    param = next(vae.parameters())
+    x = torch.from_numpy(images).to(device=param.device, dtype=param.dtype)
+    dist = vae.encode(x).latent_dist
+    return (
+        dist.mean.float().cpu().numpy().astype(np.float16),
+        dist.std.float().cpu().numpy().astype(np.float16),
+    )
+
+
+@torch.inference_mode()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """Unscaled latents (B, C, h, w) → uint8 images (B, H, W, 3)."""
+    param = next(vae.parameters())
+    x = vae.decode(latents.to(device=param.device, dtype=param.dtype)).sample
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,55 @@
+"""Download stage unit of work: one shard of a source → decoded-safe, RGB, size-capped images in Parquet."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+from prefect import task
+
+from data.imaging import RejectedImage, prepare_image_bytes
+from data.schemas import IMAGES
+from data.sources import Source, attributes_json
+from data.store import Artifact, Reject, ShardInfo
+from tasks.shards import SHARD_TASK_OPTIONS
+
+if TYPE_CHECKING:  # configs are defined with the flows; tasks only receive them
+    from flows.config import DownloadConfig
+
+VERSION = 1
+
+
+def num_shards(num_items: int, shard_size: int) -> int:
+    return max(1, -(-num_items // shard_size))
+
+
+@task(name="download-shard", **SHARD_TASK_OPTIONS)
+def download_shard(cfg: DownloadConfig, artifact: Artifact, index: int, source: Source) -> ShardInfo:
+    if artifact.has_shard(index):
+        return artifact.shard_info(index)
+    rows, rejects = [], []
+    start = index * cfg.shard_size
+    for item in source.read(start, start + cfg.shard_size):
+        if not item.data and "read_error" in item.attributes:
+            rejects.append(Reject(item.key, "unreadable", item.attributes["read_error"]))
+            continue
+        try:
+            data, width, height = prepare_image_bytes(
+                item.data, max_side=cfg.max_side, max_pixels=cfg.max_pixels, min_side=cfg.min_side
+            )
+        except RejectedImage as err:
+            rejects.append(Reject(item.key, err.reason, err.detail))
+            continue
+        rows.append(
+            {
+                "key": item.key,
+                "image": data,
+                "label": item.label,
+                "class_name": item.class_name,
+                "width": width,
+                "height": height,
+                "caption_gt": item.caption_gt,
+                "attributes": attributes_json(item.attributes),
+            }
+        )
+    return artifact.write_shard(index, pa.Table.from_pylist(rows, schema=IMAGES), rejects)

@@ -1,0 +1,58 @@
+"""Models are loaded once per worker process and reused by every shard it processes."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(kind: str, key: str) -> Any:
+    spec = json.loads(key)
+    if kind == "captioner":
+        from models.captioners import TemplateCaptioner, TransformersCaptioner, VLLMCaptioner
+
+        backend = spec.pop("backend")
+        if backend == "template":
+            return TemplateCaptioner(spec["template"])
+        common = dict(
+            prompt=spec["prompt"],
+            max_new_tokens=spec["max_new_tokens"],
+            temperature=spec["temperature"],
+            dtype=spec["dtype"],
+            seed=spec["seed"],
+            revision=spec["revision"],
+        )
+        if backend == "vllm":
+            return VLLMCaptioner(
+                spec["path"],
+                max_model_len=spec["max_model_len"],
+                max_num_seqs=spec["max_num_seqs"],
+                gpu_memory_utilization=spec["gpu_memory_utilization"],
+                tensor_parallel_size=spec["tensor_parallel_size"],
+                cache_root=spec["cache_root"],
+                **common,
+            )
+        return TransformersCaptioner(spec["path"], batch_size=spec["batch_size"], **common)
+    if kind == "vae":
+        from models.vae import load_vae
+
+        return load_vae(spec["path"], device=spec["device"], dtype=spec["dtype"], revision=spec["revision"])
+    if kind == "text":
+        from models.text_encoder import TextEncoder
+
+        return TextEncoder(spec["path"], max_length=spec["max_length"], device=spec["device"], revision=spec["revision"])
+    raise ValueError(kind)
+
+
+def cached_model(kind: str, **spec: Any) -> Any:
+    return _cached(kind, json.dumps(spec, sort_keys=True))

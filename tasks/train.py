@@ -1,0 +1,279 @@
+"""Train stage unit of work: the denoiser on stored latents and captions, resumable from its checkpoints.
+
+Every random draw of step `s` (batch order, CFG dropout, t, noise, latent sampling) comes from generators
+seeded by (seed, s), so a run resumed from the checkpoint of step k replays exactly the steps an
+uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from prefect import task
+
+from data.store import Artifact, atomic_path
+from models.diffusion import EpsilonObjective
+from models.dit import DiT, DiTConfig, build_dit, count_parameters
+from models.ema import EMA
+from models.tiny import resolve_model
+from tasks.latents import SHAPE_META_KEY
+from tasks.model_cache import cached_model, pick_device
+from tasks.shards import run_logger
+
+if TYPE_CHECKING:
+    from flows.config import TextConfig, TrainConfig
+
+VERSION = 1
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+_STEP_DIR = re.compile(r"step-(\d{8})$")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainData:
+    """Latent moments and captions joined by key, in memory (float16 moments: ~16 KB per 256-px image)."""
+
+    keys: list[str]
+    mean: torch.Tensor  # (N, C, H, W) float16
+    std: torch.Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_train_data(latents: Artifact, captions: Artifact, num_shards: int) -> TrainData:
+    keys, means, stds, texts = [], [], [], []
+    for i in range(num_shards):
+        lat = latents.read_shard(i)
+        shape = json.loads(lat.schema.metadata[SHAPE_META_KEY])
+        by_key = dict(
+            zip(*(captions.read_shard(i, columns=["key", "caption"])[c].to_pylist() for c in ("key", "caption")), strict=True)
+        )
+        for key, mean, std in zip(lat["key"].to_pylist(), lat["mean"].to_pylist(), lat["std"].to_pylist(), strict=True):
+            if key not in by_key:  # rejected by the captioner: no text, no training sample
+                continue
+            keys.append(key)
+            means.append(np.frombuffer(mean, np.float16).reshape(shape))
+            stds.append(np.frombuffer(std, np.float16).reshape(shape))
+            texts.append(by_key[key])
+    if not keys:
+        raise RuntimeError("no training samples: latents and captions share no keys")
+    return TrainData(keys, torch.from_numpy(np.stack(means)), torch.from_numpy(np.stack(stds)), texts)
+
+
+def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
+    """Linear warmup, then cosine decay from 1 to `final_ratio` at the last step."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on norms and biases (1-D parameters), as the recipe says."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "lamb":
+        from models.lamb import Lamb
+
+        return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """Samples of `step`: epochs are seeded permutations, walked in order, so any step is addressable."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.extend(perm[offset : offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint appears only through an atomic rename)."""
+    folder = root / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file())
+
+
+def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    final = root / CHECKPOINTS / f"step-{step:08d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "state.pt")
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_final(root: Path, model: DiT, meta: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    final = root / FINAL
+    if final.exists():
+        shutil.rmtree(final)
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return final
+
+
+def load_final(root: Path, device: str = "cpu") -> tuple[DiT, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((root / FINAL / "config.json").read_text())
+    model = DiT(DiTConfig(**meta["dit"]))
+    model.load_state_dict(load_file(root / FINAL / "model.safetensors"))
+    return model.to(device).eval(), meta
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+@task(name="train", retries=0)
+def train_denoiser(
+    cfg: TrainConfig,
+    text_cfg: TextConfig,
+    artifact: Artifact,
+    latents: Artifact,
+    captions: Artifact,
+    num_shards: int,
+    scale_factor: float,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train to `cfg.steps` (or stop after step `stop_after`, for tests), resuming from the newest checkpoint."""
+    from accelerate import Accelerator
+
+    log = run_logger()
+    root = artifact.root
+    device = pick_device(cfg.device)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by {world} processes")
+    per_rank = cfg.batch_size // world
+
+    data = load_train_data(latents, captions, num_shards)
+    encoder = cached_model(
+        "text",
+        path=resolve_model(text_cfg.encoder, artifact.workspace),
+        max_length=text_cfg.max_length,
+        device=str(accelerator.device),
+        revision=text_cfg.revision,
+    )
+    channels, height, width = data.mean.shape[1:]
+    torch.manual_seed(cfg.seed)
+    model = build_dit(cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim)
+    ema = EMA(model, decay=cfg.ema_decay)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.final_lr_ratio)
+    )
+    step = 0
+    if ckpts := checkpoint_dirs(root):
+        state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        log.info(f"[train] resuming from {ckpts[-1].name} (step {step} of {cfg.steps})")
+    else:
+        log.info(
+            f"[train] DiT-{cfg.size}: {count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
+            f"latents {channels}×{height}×{width}, scale {scale_factor:.5f}"
+        )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = EpsilonObjective()
+    last_stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    t0, seen, loss_sum = time.time(), 0, 0.0
+
+    while step < last_stop:
+        g = step_generator(cfg.seed, step, rank)
+        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+        mean = data.mean[idx].float()
+        std = data.std[idx].float()
+        z = (mean + std * torch.randn(mean.shape, generator=g)) * scale_factor
+        drop = torch.rand(len(idx), generator=g) < cfg.cfg_dropout
+        texts = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        text, mask = encoder.encode(texts)
+        t = objective.sample_t(len(idx), generator=g)
+        eps = torch.randn(z.shape, generator=g)
+        dev = accelerator.device
+        with accelerator.autocast():
+            loss, _ = objective.loss(model, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev))
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"train: loss is {loss.item()} at step {step}; the last good checkpoint is kept in {root / CHECKPOINTS}"
+            )
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(accelerator.unwrap_model(model))
+        step += 1
+        seen += len(idx) * world
+        loss_sum += loss.item()
+        if step % cfg.log_every == 0 or step == last_stop:
+            dt = time.time() - t0
+            log.info(
+                f"[train] step {step}/{cfg.steps} loss {loss_sum / max(1, step % cfg.log_every or cfg.log_every):.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} grad-norm {float(grad_norm):.3f} {seen / max(dt, 1e-9):.1f} samples/s"
+            )
+            t0, seen, loss_sum = time.time(), 0, 0.0
+        if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == last_stop):
+            save_checkpoint(
+                root,
+                step,
+                {
+                    "step": step,
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+                cfg.keep_checkpoints,
+            )
+        accelerator.wait_for_everyone()
+
+    result = {"step": step, "samples": len(data), "parameters": count_parameters(accelerator.unwrap_model(model))}
+    if step >= cfg.steps and accelerator.is_main_process:
+        final_model = build_dit(cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim)
+        ema.copy_to(final_model)
+        meta = {
+            "dit": asdict(final_model.config),
+            "text_encoder": text_cfg.model_dump(mode="json"),
+            "scale_factor": scale_factor,
+            "latent_shape": [channels, height, width],
+            "ema_decay": cfg.ema_decay,
+            "steps": step,
+        }
+        save_final(root, final_model, meta)
+    return result
