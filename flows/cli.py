@@ -1,9 +1,9 @@
 """`t2i`: run the pipeline or one stage from the command line, show status, serve flows to Prefect.
 
-    t2i run --preset tiny [--workspace DIR] [--set section.field=value ...]
-    t2i download|recaption|latents|train|evaluate --preset P [...]
-    t2i status --preset P [--workspace DIR]
-    t2i serve --preset P            (needs a Prefect server: `make server`)
+t2i run --preset tiny [--workspace DIR] [--set section.field=value ...]
+t2i download|recaption|latents|train|evaluate --preset P [...]
+t2i status --preset P [--workspace DIR]
+t2i serve --preset P            (needs a Prefect server: `make server`)
 """
 
 from __future__ import annotations
@@ -40,9 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--preset", default="tiny", help=f"config preset ({', '.join(available_presets())})")
-        p.add_argument("--workspace", default=None, help="artifact root (default: $T2I_WORKSPACE or ./workspace)")
         p.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+            "--workspace", default=None, help="artifact root (default: $T2I_WORKSPACE or ./workspace)"
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.FIELD=VALUE",
             help="override a config field, e.g. --set latents.resolution=128 (repeatable)",
         )
 

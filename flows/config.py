@@ -75,7 +75,8 @@ class DownloadConfig(StageConfig):
 
 class RecaptionConfig(StageConfig):
     backend: Literal["vllm", "transformers", "template"] = Field(
-        "vllm", description="vllm: batched offline inference; transformers: generate(); template: class names."
+        "vllm",
+        description="vllm: batched offline inference; transformers: generate(); template: class names.",
     )
     model: str = Field(
         "llava-hf/llama3-llava-next-8b-hf",
@@ -165,7 +166,9 @@ class TrainConfig(StageConfig):
     seed: int = Field(0)
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device"})
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+    )
 
 
 class EvaluateConfig(StageConfig):
@@ -273,7 +276,11 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = PipelineConfig
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
             return None
         model = field.annotation
     return model

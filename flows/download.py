@@ -30,7 +30,9 @@ def download_flow(cfg: PipelineConfig) -> dict[str, Any]:
             "download",
             artifact,
             plan.num_shards,
-            lambda i: pool.submit(runner, parameters=dict(cfg=cfg.download, artifact=artifact, index=i, source=source)),
+            lambda i: pool.submit(
+                runner, parameters=dict(cfg=cfg.download, artifact=artifact, index=i, source=source)
+            ),
             concurrent=True,
             extra=extra,
         )

@@ -23,6 +23,9 @@ def evaluate_flow(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     metrics = evaluate_checkpoint(cfg.evaluate, cfg.latents, artifact, checkpoints)
     artifact.write_manifest(
-        config=artifact.extra["config"], inputs=artifact.extra["inputs"], started=started, extra={"metrics": metrics}
+        config=artifact.extra["config"],
+        inputs=artifact.extra["inputs"],
+        started=started,
+        extra={"metrics": metrics},
     )
     return {"stage": "evaluate", "path": str(artifact.root), "skipped": False, "metrics": metrics}

@@ -31,7 +31,9 @@ class Plan:
     @functools.cached_property
     def source(self) -> Source:
         d = self.cfg.download
-        return open_source(d.source, split=d.split, seed=d.seed, max_images=d.max_images, revision=d.hf_revision)
+        return open_source(
+            d.source, split=d.split, seed=d.seed, max_images=d.max_images, revision=d.hf_revision
+        )
 
     def _artifact(self, stage: str, version: int, config: dict, inputs: dict[str, str]) -> Artifact:
         fp = fingerprint(stage, version, config, inputs)

@@ -24,7 +24,9 @@ def stage_statuses(cfg: PipelineConfig) -> list[StageStatus]:
         art = plan.artifact(stage)
         if art.is_complete():
             m = art.read_manifest()
-            detail = f"{m['rows']} rows, {m['rejects']} rejects" if "rows" in m else f"{m.get('seconds', 0):.0f}s"
+            detail = (
+                f"{m['rows']} rows, {m['rejects']} rejects" if "rows" in m else f"{m.get('seconds', 0):.0f}s"
+            )
             if stage == "train":
                 detail = f"{m.get('step')} steps"
             out.append(StageStatus(stage, "complete", detail, str(art.root)))
@@ -32,7 +34,9 @@ def stage_statuses(cfg: PipelineConfig) -> list[StageStatus]:
         if stage in ("download", "recaption", "latents"):
             n = plan.num_shards
             k = len(art.done_shards(n)) if art.root.is_dir() else 0
-            out.append(StageStatus(stage, "partial" if k else "not started", f"{k} of {n} shards", str(art.root)))
+            out.append(
+                StageStatus(stage, "partial" if k else "not started", f"{k} of {n} shards", str(art.root))
+            )
         elif stage == "train":
             ckpts = checkpoint_dirs(art.root)
             last = int(ckpts[-1].name.split("-")[1]) if ckpts else 0

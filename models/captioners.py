@@ -158,7 +158,9 @@ class TransformersCaptioner:
         self.processor = AutoProcessor.from_pretrained(model_id, revision=revision)
         self.processor.tokenizer.padding_side = "left"
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_id, revision=revision, dtype=torch_dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            model_id, revision=revision, dtype=torch_dtype
+        )
         self.model.to(self.device).eval()
         self.prompt = chat_prompt(self.processor, prompt)
         self.max_new_tokens = max_new_tokens

@@ -10,11 +10,15 @@ import torch
 class TextEncoder:
     """A frozen T5 encoder; batches are padded to their longest caption (≤ max_length) with a mask."""
 
-    def __init__(self, path: str, *, max_length: int, device: str = "cpu", revision: str | None = None) -> None:
+    def __init__(
+        self, path: str, *, max_length: int, device: str = "cpu", revision: str | None = None
+    ) -> None:
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        self.model = T5EncoderModel.from_pretrained(path, revision=revision).to(device).eval().requires_grad_(False)
+        self.model = (
+            T5EncoderModel.from_pretrained(path, revision=revision).to(device).eval().requires_grad_(False)
+        )
         self.max_length = max_length
         self.device = device
 

@@ -37,7 +37,9 @@ def apply() -> bool:
     if not cpu_torch_with_cuda_torchvision():
         return False
     if "torchvision" not in sys.modules:
-        sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+        sys.modules.setdefault(
+            "torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations")
+        )
     for name in ("torchaudio", "torchcodec"):
         if _version(name) is not None:
             sys.modules.setdefault(name, None)

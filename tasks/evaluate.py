@@ -6,7 +6,6 @@ so a rerun redoes only the batches whose images are missing.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +81,10 @@ def evaluate_checkpoint(
         revision=text_cfg.get("revision"),
     )
     vae = cached_model(
-        "vae", path=resolve_model(latents_cfg.vae, artifact.workspace), device=device, dtype="float32",
+        "vae",
+        path=resolve_model(latents_cfg.vae, artifact.workspace),
+        device=device,
+        dtype="float32",
         revision=latents_cfg.revision,
     )
     scale = meta["scale_factor"]
@@ -101,7 +103,14 @@ def evaluate_checkpoint(
         text, mask = encoder.encode([p.text for p, _ in batch])
         shape = (len(batch), *meta["latent_shape"])
         z = ddim_sample(
-            model, shape, text, mask, null_text, null_mask, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+            model,
+            shape,
+            text,
+            mask,
+            null_text,
+            null_mask,
+            steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
             generator=step_generator(cfg.seed, b),
         )
         pixels = _decode(vae, z / scale)

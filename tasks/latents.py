@@ -26,7 +26,9 @@ SHAPE_META_KEY = b"t2i.latent_shape"
 
 def load_vae_for(cfg: LatentsConfig, artifact: Artifact):
     path = resolve_model(cfg.vae, artifact.workspace)
-    return cached_model("vae", path=path, device=pick_device(cfg.device), dtype=cfg.dtype, revision=cfg.revision)
+    return cached_model(
+        "vae", path=path, device=pick_device(cfg.device), dtype=cfg.dtype, revision=cfg.revision
+    )
 
 
 @task(name="latents-shard", **SHARD_TASK_OPTIONS)
@@ -51,7 +53,8 @@ def latents_shard(cfg: LatentsConfig, artifact: Artifact, index: int, images: Ar
         stds.extend(std)
     shape = list(means[0].shape) if means else []
     table = pa.Table.from_pydict(
-        {"key": keys, "mean": [m.tobytes() for m in means], "std": [s.tobytes() for s in stds]}, schema=LATENTS
+        {"key": keys, "mean": [m.tobytes() for m in means], "std": [s.tobytes() for s in stds]},
+        schema=LATENTS,
     ).replace_schema_metadata({SHAPE_META_KEY: json.dumps(shape).encode()})
     return artifact.write_shard(index, table, rejects)
 

@@ -50,7 +50,9 @@ def _cached(kind: str, key: str) -> Any:
     if kind == "text":
         from models.text_encoder import TextEncoder
 
-        return TextEncoder(spec["path"], max_length=spec["max_length"], device=spec["device"], revision=spec["revision"])
+        return TextEncoder(
+            spec["path"], max_length=spec["max_length"], device=spec["device"], revision=spec["revision"]
+        )
     raise ValueError(kind)
 
 

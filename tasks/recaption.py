@@ -41,9 +41,9 @@ def caption_isolating_failures(
         if len(images) == 1:
             return [Caption(text=None, finish_reason="error", error=f"{type(err).__name__}: {err}")]
         mid = len(images) // 2
-        return caption_isolating_failures(captioner, images[:mid], class_names[:mid]) + caption_isolating_failures(
-            captioner, images[mid:], class_names[mid:]
-        )
+        return caption_isolating_failures(
+            captioner, images[:mid], class_names[:mid]
+        ) + caption_isolating_failures(captioner, images[mid:], class_names[mid:])
 
 
 @task(name="recaption-shard", **SHARD_TASK_OPTIONS)
@@ -87,7 +87,9 @@ def caption_summary(artifact: Artifact, num_shards: int, cfg: RecaptionConfig) -
     words, truncated, total = [], 0, 0
     for i in range(num_shards):
         table = artifact.read_shard(i, columns=["caption", "finish_reason"])
-        for caption, reason in zip(table["caption"].to_pylist(), table["finish_reason"].to_pylist(), strict=True):
+        for caption, reason in zip(
+            table["caption"].to_pylist(), table["finish_reason"].to_pylist(), strict=True
+        ):
             words.append(len(caption.split()))
             truncated += reason == "length"
             total += 1

@@ -61,9 +61,17 @@ def load_train_data(latents: Artifact, captions: Artifact, num_shards: int) -> T
         lat = latents.read_shard(i)
         shape = json.loads(lat.schema.metadata[SHAPE_META_KEY])
         by_key = dict(
-            zip(*(captions.read_shard(i, columns=["key", "caption"])[c].to_pylist() for c in ("key", "caption")), strict=True)
+            zip(
+                *(
+                    captions.read_shard(i, columns=["key", "caption"])[c].to_pylist()
+                    for c in ("key", "caption")
+                ),
+                strict=True,
+            )
         )
-        for key, mean, std in zip(lat["key"].to_pylist(), lat["mean"].to_pylist(), lat["std"].to_pylist(), strict=True):
+        for key, mean, std in zip(
+            lat["key"].to_pylist(), lat["mean"].to_pylist(), lat["std"].to_pylist(), strict=True
+        ):
             if key not in by_key:  # rejected by the captioner: no text, no training sample
                 continue
             keys.append(key)
@@ -216,7 +224,9 @@ def train_denoiser(
 
     while step < last_stop:
         g = step_generator(cfg.seed, step, rank)
-        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[
+            rank * per_rank : (rank + 1) * per_rank
+        ]
         mean = data.mean[idx].float()
         std = data.std[idx].float()
         z = (mean + std * torch.randn(mean.shape, generator=g)) * scale_factor
@@ -227,7 +237,9 @@ def train_denoiser(
         eps = torch.randn(z.shape, generator=g)
         dev = accelerator.device
         with accelerator.autocast():
-            loss, _ = objective.loss(model, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev))
+            loss, _ = objective.loss(
+                model, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev)
+            )
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"train: loss is {loss.item()} at step {step}; the last good checkpoint is kept in {root / CHECKPOINTS}"
@@ -249,6 +261,11 @@ def train_denoiser(
             )
             t0, seen, loss_sum = time.time(), 0, 0.0
         if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == last_stop):
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise NonFiniteLoss(
+                    f"train: weights became non-finite by step {step}; the last good checkpoint is kept in "
+                    f"{root / CHECKPOINTS}"
+                )
             save_checkpoint(
                 root,
                 step,
@@ -263,7 +280,11 @@ def train_denoiser(
             )
         accelerator.wait_for_everyone()
 
-    result = {"step": step, "samples": len(data), "parameters": count_parameters(accelerator.unwrap_model(model))}
+    result = {
+        "step": step,
+        "samples": len(data),
+        "parameters": count_parameters(accelerator.unwrap_model(model)),
+    }
     if step >= cfg.steps and accelerator.is_main_process:
         final_model = build_dit(cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim)
         ema.copy_to(final_model)

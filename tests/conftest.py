@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny models built once per session, a Prefect test harness, a Prefect server for CLI runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import models  # noqa: E402,F401  (applies the torchvision shim before anything imports torch)
+
+REPO = Path(__file__).resolve().parents[1]
+T2I = str(Path(sys.executable).with_name("t2i"))
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """A workspace-shaped folder holding the three tiny models, built once; copy it into test workspaces."""
+    from models.tiny import resolve_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    for ref in ("tiny:llava", "tiny:vae", "tiny:t5"):
+        resolve_model(ref, root)
+    return root / "models"
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_models) -> Path:
+    """An empty workspace with the tiny models already in place (building them is not what tests test)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_models, ws / "models")
+    return ws
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server` on 127.0.0.1 for subprocess runs (CLI, serve); yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+    else:
+        proc.kill()
+        raise RuntimeError("prefect server did not become healthy in 120 s")
+    yield {"url": url, "home": home}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def cli_env(prefect_server, tmp_path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server["url"],
+        "PREFECT_HOME": str(prefect_server["home"]),
+    }
+    env.pop("T2I_WORKSPACE", None)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, check: bool = True):
+    proc = subprocess.run([T2I, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"t2i {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc

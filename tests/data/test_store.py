@@ -1,0 +1,76 @@
+import json
+import os
+
+import pyarrow as pa
+import pytest
+
+from data.store import Artifact, Reject, atomic_path, fingerprint
+
+
+def table(n: int) -> pa.Table:
+    return pa.table({"key": [f"k{i}" for i in range(n)], "x": list(range(n))})
+
+
+def test_fingerprint_depends_on_config_inputs_and_version_only():
+    base = fingerprint("latents", 1, {"resolution": 256, "vae": "v"}, {"images": "abc"})
+    assert base == fingerprint("latents", 1, {"vae": "v", "resolution": 256}, {"images": "abc"})  # key order
+    assert base != fingerprint("latents", 2, {"resolution": 256, "vae": "v"}, {"images": "abc"})
+    assert base != fingerprint("latents", 1, {"resolution": 128, "vae": "v"}, {"images": "abc"})
+    assert base != fingerprint("latents", 1, {"resolution": 256, "vae": "v"}, {"images": "abd"})
+
+
+def test_shard_roundtrip_with_rejects(tmp_path):
+    art = Artifact(tmp_path, "download", "fp")
+    info = art.write_shard(0, table(3), [Reject("bad.jpg", "truncated", "cut at 10 bytes")])
+    assert (info.rows, info.rejects) == (3, 1)
+    assert art.has_shard(0) and not art.has_shard(1)
+    assert art.read_shard(0)["key"].to_pylist() == ["k0", "k1", "k2"]
+    assert art.shard_rejects(0) == [Reject("bad.jpg", "truncated", "cut at 10 bytes")]
+    assert [p.name for p in art.root.iterdir()] == ["part-00000.parquet"]  # no temporary left behind
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path):
+    art = Artifact(tmp_path, "download", "fp")
+    with pytest.raises(RuntimeError), atomic_path(art.shard_path(0)) as tmp:
+        tmp.write_bytes(b"half a shard")
+        raise RuntimeError("killed mid-write")
+    assert not art.has_shard(0)
+    assert list(art.root.iterdir()) == []
+
+
+def test_unreadable_shard_is_not_done(tmp_path):
+    art = Artifact(tmp_path, "download", "fp")
+    art.root.mkdir(parents=True)
+    art.shard_path(0).write_bytes(b"PAR1 this is not a parquet file")
+    assert not art.has_shard(0)
+
+
+def test_finalize_writes_manifest_last_with_reject_counts(tmp_path):
+    art = Artifact(tmp_path, "download", "fp")
+    art.write_shard(0, table(2), [Reject("a", "truncated"), Reject("b", "not an image")])
+    with pytest.raises(RuntimeError, match=r"shards \[1\] are missing"):
+        art.finalize_shards(num_shards=2, config={}, inputs={}, started=0.0)
+    assert not art.is_complete()
+    art.write_shard(1, table(4), [Reject("c", "truncated")])
+    manifest = art.finalize_shards(num_shards=2, config={"x": 1}, inputs={"images": "f"}, started=0.0)
+    assert art.is_complete()
+    assert manifest["rows"] == 6 and manifest["rejects"] == 3
+    assert manifest["rejects_by_reason"] == {"not an image": 1, "truncated": 2}
+    assert [s["rows"] for s in manifest["shards"]] == [2, 4]
+    lines = [json.loads(x) for x in (art.root / "rejects.jsonl").read_text().splitlines()]
+    assert {(r["shard"], r["key"], r["reason"]) for r in lines} == {
+        (0, "a", "truncated"),
+        (0, "b", "not an image"),
+        (1, "c", "truncated"),
+    }
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    art = Artifact(tmp_path, "download", "fp")
+    art.root.mkdir(parents=True)
+    dead = art.root / ".tmp-999999999-abcd1234-part-00000.parquet"  # no such pid
+    live = art.root / f".tmp-{os.getppid()}-abcd1234-part-00001.parquet"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    assert art.clean_stale_temporaries() == 1
+    assert not dead.exists() and live.exists()

@@ -1,0 +1,73 @@
+import pytest
+
+from flows.config import ConfigError, available_presets, load_config
+
+
+def test_presets_validate_and_keep_the_papers_numbers():
+    assert {"tiny", "imagenet256"} <= set(available_presets())
+    cfg = load_config("imagenet256")
+    assert cfg.recaption.model == "llava-hf/llama3-llava-next-8b-hf"
+    assert cfg.recaption.max_new_tokens == 200 and cfg.recaption.temperature == 0.0
+    assert cfg.latents.vae == "stabilityai/sd-vae-ft-ema" and cfg.latents.resolution == 256
+    assert cfg.text.encoder == "google/flan-t5-xl" and cfg.text.max_length == 256
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.weight_decay, t.warmup_steps, t.final_lr_ratio) == (
+        "lamb",
+        1e-3,
+        0.01,
+        5000,
+        0.21,
+    )
+    assert (t.batch_size, t.grad_clip, t.ema_decay, t.cfg_dropout, t.scale_factor) == (
+        1024,
+        2.0,
+        0.9999,
+        0.1,
+        0.18215,
+    )
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config("tiny", ["latents.resolution=128", "download.max_side=null", "train.betas=[0.9, 0.99]"])
+    assert cfg.latents.resolution == 128 and cfg.download.max_side is None and cfg.train.betas == (0.9, 0.99)
+
+
+def test_workspace_from_argument_then_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("T2I_WORKSPACE", str(tmp_path / "env"))
+    assert load_config("tiny").workspace == str(tmp_path / "env")
+    assert load_config("tiny", workspace=str(tmp_path / "arg")).workspace == str(tmp_path / "arg")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["latents.resolution=-3"], r"latents\.resolution: Input should be greater than 0"),
+        (["latents.resolution=100"], r"latents\.resolution: .*multiple of 8"),
+        (["latents.colour=1"], r"latents\.colour: unknown field; allowed fields: .*resolution"),
+        (
+            ["recaption.backend=clip"],
+            r"recaption\.backend: Input should be 'vllm', 'transformers' or 'template'",
+        ),
+        (["download.source=s3://bucket"], r"download\.source: .*allowed: synthetic:shapes, folder:<path>"),
+        (["nosuchsection.x=1"], r"nosuchsection: unknown field; allowed fields: download, evaluate"),
+        (["train.steps"], r"expected section\.field=value"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_allowed(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("tiny", overrides)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"unknown preset 'imagenet512'; available: imagenet256, tiny"):
+        load_config("imagenet512")
+
+
+def test_fingerprint_ignores_runtime_fields():
+    a = load_config("tiny", ["latents.batch_size=8", "download.workers=1"])
+    b = load_config("tiny", ["latents.batch_size=64", "download.workers=8"])
+    assert a.latents.fingerprint_fields() == b.latents.fingerprint_fields()
+    assert a.download.fingerprint_fields() == b.download.fingerprint_fields()
+    c = load_config("tiny", ["recaption.backend=template", "recaption.model=other"])
+    d = load_config("tiny", ["recaption.backend=template"])
+    assert c.recaption.fingerprint_fields() == d.recaption.fingerprint_fields()

@@ -1,0 +1,102 @@
+"""Training on real latents and captions: resume is exact, checkpoints rotate, bad losses stop the run."""
+
+import shutil
+
+import pytest
+import torch
+
+from flows.config import load_config
+from flows.download import download_flow
+from flows.latents import latents_flow
+from flows.plan import Plan
+from flows.recaption import recaption_flow
+from flows.train import resolve_scale_factor, train_flow
+from tasks.train import NonFiniteLoss, batch_indices, checkpoint_dirs, load_final, lr_factor, train_denoiser
+
+OVERRIDES = [
+    "download.max_images=48",
+    "download.shard_size=16",
+    "recaption.backend=template",
+    "train.steps=6",
+    "train.batch_size=8",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=2",
+    "train.warmup_steps=2",
+]
+
+
+@pytest.fixture
+def data_workspace(prefect_harness, workspace):
+    cfg = load_config("tiny", OVERRIDES, str(workspace))
+    download_flow(cfg)
+    recaption_flow(cfg)
+    latents_flow(cfg)
+    return workspace
+
+
+def _run(cfg, stop_after=None):
+    plan = Plan(cfg)
+    return train_denoiser.fn(
+        cfg.train,
+        cfg.text,
+        plan.checkpoints,
+        plan.latents,
+        plan.captions,
+        plan.num_shards,
+        resolve_scale_factor(cfg, plan),
+        stop_after=stop_after,
+    )
+
+
+def test_resumed_run_equals_uninterrupted_run(data_workspace, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(data_workspace, other)
+    straight = load_config("tiny", OVERRIDES, str(data_workspace))
+    _run(straight)
+    interrupted = load_config("tiny", OVERRIDES, str(other))
+    assert _run(interrupted, stop_after=3)["step"] == 3
+    assert not (Plan(interrupted).checkpoints.root / "final").exists()
+    assert _run(interrupted)["step"] == 6
+
+    a_dir, b_dir = Plan(straight).checkpoints.root, Plan(interrupted).checkpoints.root
+    a = torch.load(checkpoint_dirs(a_dir)[-1] / "state.pt", weights_only=False)
+    b = torch.load(checkpoint_dirs(b_dir)[-1] / "state.pt", weights_only=False)
+    for key in a["model"]:
+        assert (a["model"][key] - b["model"][key]).abs().max().item() <= 1e-6, key
+    ema_a, ema_b = load_final(a_dir)[0].state_dict(), load_final(b_dir)[0].state_dict()
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+    assert [p.name for p in checkpoint_dirs(a_dir)] == ["step-00000004", "step-00000006"]  # keep the last 2
+
+
+def test_train_flow_writes_manifest_and_final_weights(data_workspace):
+    cfg = load_config("tiny", OVERRIDES, str(data_workspace))
+    summary = train_flow(cfg)
+    manifest = Plan(cfg).checkpoints.read_manifest()
+    assert summary["step"] == 6 and manifest["step"] == 6 and manifest["samples"] == 48
+    assert manifest["scale_factor"] == pytest.approx(1 / Plan(cfg).latents.read_manifest()["latent_std"])
+    model, meta = load_final(Plan(cfg).checkpoints.root)
+    assert meta["latent_shape"] == [4, 16, 16] and meta["text_encoder"]["encoder"] == "tiny:t5"
+    assert train_flow(cfg)["skipped"] is True
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_workspace):
+    cfg = load_config(
+        "tiny",
+        [*OVERRIDES, "train.lr=1e30", "train.optimizer=adamw", "train.grad_clip=1e30"],
+        str(data_workspace),
+    )
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
+        _run(cfg)
+    for ckpt in checkpoint_dirs(Plan(cfg).checkpoints.root):
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_schedule_and_data_order():
+    assert lr_factor(0, 10, 100, 0.21) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.21) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.21) == pytest.approx(0.21)
+    epoch = torch.cat([batch_indices(10, 5, s, seed=0) for s in range(2)])
+    assert sorted(epoch.tolist()) == list(range(10))  # one epoch visits every sample once
+    assert torch.equal(batch_indices(10, 5, 3, seed=0), batch_indices(10, 5, 3, seed=0))
+    assert not torch.equal(batch_indices(10, 5, 2, seed=0), batch_indices(10, 5, 0, seed=0))
