@@ -72,7 +72,9 @@ def recaption_shard(cfg: RecaptionConfig, artifact: Artifact, index: int, images
             {
                 "key": key,
                 "caption": cap.text,
-                "model": captioner.model_id if cfg.backend != "template" else "template",
+                "model": cfg.model
+                if cfg.backend != "template"
+                else "template",  # the reference, not a local path
                 "tokens": cap.tokens,
                 "finish_reason": cap.finish_reason,
             }

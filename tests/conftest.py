@@ -66,7 +66,7 @@ def prefect_server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
+    log = open(home / "server.log", "w")  # noqa: SIM115  (outlives this block: the server writes to it)
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("prefect")),

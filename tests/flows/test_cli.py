@@ -1,0 +1,161 @@
+"""The tiny pipeline through the `t2i` command, as a user runs it: end to end, rerun, crash, bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.config import load_config
+from flows.plan import Plan
+from tests.conftest import T2I, run_cli
+
+SMALL = [
+    "--set", "download.max_images=192",
+    "--set", "download.shard_size=48",
+    "--set", "train.steps=20",
+    "--set", "train.checkpoint_every=10",
+    "--set", "evaluate.num_prompts=8",
+    "--set", "evaluate.steps=8",
+]  # fmt: skip
+
+
+def overrides(args: list[str]) -> list[str]:
+    return [a for a in args if a != "--set"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_ws(tmp_path_factory, tiny_models, prefect_server):
+    ws = tmp_path_factory.mktemp("pipeline") / "ws"
+    shutil.copytree(tiny_models, ws / "models")
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server["url"],
+        "PREFECT_HOME": str(prefect_server["home"]),
+    }
+    proc = run_cli(["run", "--preset", "tiny", "--workspace", str(ws), *SMALL], env)
+    return ws, proc
+
+
+def test_run_executes_every_stage_and_prints_where_outputs_are(pipeline_ws):
+    ws, proc = pipeline_ws
+    plan = Plan(load_config("tiny", overrides(SMALL), str(ws)))
+    for stage in ("download", "recaption", "latents", "train", "evaluate"):
+        art = plan.artifact(stage)
+        assert art.is_complete(), stage
+        assert f"{stage}" in proc.stdout and str(art.root) in proc.stdout
+    assert len(plan.images.read_manifest()["shards"]) == 4
+    for name in ("report.md", "metrics.json", "grid.png"):
+        assert (plan.evaluation.root / name).is_file()
+    assert "| colour_shape |" in (plan.evaluation.root / "report.md").read_text()
+    assert len(list((plan.evaluation.root / "images").glob("*.png"))) == 8
+
+
+def test_second_run_skips_every_stage_and_rewrites_nothing(pipeline_ws, cli_env):
+    ws, _ = pipeline_ws
+    files = {
+        p: (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in ws.rglob("*")
+        if p.is_file() and "models" not in p.parts
+    }
+    proc = run_cli(["run", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
+    assert proc.stdout.count("complete (") == 5
+    log = proc.stdout + proc.stderr
+    for stage in ("download", "recaption", "latents", "train", "evaluate"):
+        assert f"[{stage}] already complete" in log
+    after = {
+        p: (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in ws.rglob("*")
+        if p.is_file() and "models" not in p.parts
+    }
+    assert after == files
+
+
+def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
+    ws, _ = pipeline_ws
+    proc = run_cli(["status", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
+    lines = proc.stdout.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["download", "recaption", "latents", "train", "evaluate"]
+    assert all(" complete " in ln for ln in lines)
+    fresh = run_cli(["status", "--preset", "tiny", "--workspace", str(tmp_path / "empty"), *SMALL], cli_env)
+    assert "not started (0 of 4 shards)" in fresh.stdout and "not started (0 of 20 steps)" in fresh.stdout
+
+
+def test_a_stage_without_its_input_names_the_command_to_run(cli_env, tmp_path):
+    ws = tmp_path / "ws"
+    proc = run_cli(["latents", "--preset", "tiny", "--workspace", str(ws)], cli_env, check=False)
+    assert proc.returncode == 1
+    assert "run `t2i download --preset tiny`" in proc.stderr
+    assert not ws.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "latents.resolution=-3"], "latents.resolution: Input should be greater than 0"),
+        (["--set", "train.colour=red"], "train.colour: unknown field; allowed fields:"),
+        (["--preset", "nope"], "unknown preset 'nope'; available: imagenet256, tiny"),
+    ],
+)
+def test_bad_input_fails_before_any_work(cli_env, tmp_path, args, message):
+    ws = tmp_path / "ws"
+    full = (
+        ["run", "--workspace", str(ws), *args]
+        if "--preset" in args
+        else ["run", "--preset", "tiny", "--workspace", str(ws), *args]
+    )
+    proc = run_cli(full, cli_env, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not ws.exists()
+
+
+def _kill_after_first_shard(stage: str, ws, env, artifact, num_shards: int) -> dict:
+    """Start `t2i <stage>`, SIGKILL it as soon as its first shard is on disk; return the shards seen then."""
+    proc = subprocess.Popen(
+        [T2I, stage, "--preset", "tiny", "--workspace", str(ws), *SMALL],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not artifact.shard_path(0).exists():
+        assert proc.poll() is None, f"t2i {stage} exited before writing a shard"
+        assert time.time() < deadline, f"t2i {stage} wrote no shard in 300 s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {i: (artifact.shard_path(i).read_bytes(), artifact.shard_path(i).stat().st_mtime_ns)
+            for i in range(num_shards) if artifact.shard_path(i).exists()}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["latents", "recaption"])
+def test_sigkill_mid_stage_then_rerun_keeps_finished_shards_and_matches(
+    pipeline_ws, cli_env, tmp_path, stage
+):
+    ref_ws, _ = pipeline_ws
+    ws = tmp_path / "ws"
+    ref_plan = Plan(load_config("tiny", overrides(SMALL), str(ref_ws)))
+    shutil.copytree(ref_ws / "models", ws / "models")
+    shutil.copytree(ref_plan.images.root, ws / "download" / ref_plan.images.fingerprint)
+    plan = Plan(load_config("tiny", overrides(SMALL), str(ws)))
+    artifact, reference = plan.artifact(stage), ref_plan.artifact(stage)
+    assert artifact.fingerprint == reference.fingerprint
+
+    before = _kill_after_first_shard(stage, ws, cli_env, artifact, plan.num_shards)
+    assert not artifact.is_complete()
+    assert 0 < len(before) < plan.num_shards, "the kill landed after the stage finished; nothing was tested"
+    leftovers = [p.name for p in artifact.root.iterdir() if not p.name.startswith("part-")]
+    assert all(
+        name.startswith(".tmp-") for name in leftovers
+    )  # only an in-flight temporary, never a torn shard
+
+    run_cli([stage, "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
+    assert artifact.is_complete()
+    for i, (data, mtime) in before.items():
+        assert artifact.shard_path(i).read_bytes() == data
+        assert artifact.shard_path(i).stat().st_mtime_ns == mtime
+    for i in range(plan.num_shards):
+        assert pq.read_table(artifact.shard_path(i)).equals(pq.read_table(reference.shard_path(i)))
+    assert not [p for p in artifact.root.iterdir() if p.name.startswith(".tmp-")]
