@@ -1,0 +1,50 @@
+"""VAE latents: the stored moments are the real posterior of the configured AutoencoderKL, in float16."""
+
+import json
+
+import numpy as np
+import torch
+
+from data.imaging import center_crop_resize, decode_image, to_tensor_range
+from flows.config import load_config
+from flows.download import download_flow
+from flows.latents import latents_flow
+from flows.plan import Plan
+from models.vae import decode_latents, load_vae
+from tasks.latents import SHAPE_META_KEY
+
+
+def test_latents_store_posterior_mean_and_std(prefect_harness, workspace):
+    cfg = load_config("tiny", ["download.max_images=12", "download.shard_size=5"], str(workspace))
+    download_flow(cfg)
+    latents_flow(cfg)
+    plan = Plan(cfg)
+    manifest = plan.latents.read_manifest()
+    assert manifest["rows"] == 12 and manifest["latent_shape"] == [4, 16, 16] and manifest["latent_std"] > 0
+    table = plan.latents.read_shard(2)
+    assert json.loads(table.schema.metadata[SHAPE_META_KEY]) == [4, 16, 16]
+    assert table["key"].to_pylist() == plan.images.read_shard(2)["key"].to_pylist()
+
+    vae = load_vae(str(workspace / "models" / "tiny-vae-v1"))
+    image = decode_image(plan.images.read_shard(2)["image"][0].as_py())
+    x = torch.from_numpy(to_tensor_range(center_crop_resize(image, 64)))[None]
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    mean = np.frombuffer(table["mean"][0].as_py(), np.float16).reshape(4, 16, 16)
+    std = np.frombuffer(table["std"][0].as_py(), np.float16).reshape(4, 16, 16)
+    np.testing.assert_allclose(mean, dist.mean[0].numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(std, dist.std[0].numpy(), rtol=2e-3, atol=1e-4)
+    pixels = decode_latents(vae, torch.from_numpy(mean.astype(np.float32))[None])
+    assert pixels.shape == (1, 64, 64, 3) and pixels.dtype == np.uint8
+
+
+def test_changing_resolution_lands_in_a_new_artifact_and_keeps_the_old(prefect_harness, workspace):
+    base = ["download.max_images=4"]
+    a = load_config("tiny", base, str(workspace))
+    b = load_config("tiny", [*base, "latents.resolution=32"], str(workspace))
+    download_flow(a)
+    latents_flow(a)
+    latents_flow(b)
+    pa_, pb = Plan(a).latents, Plan(b).latents
+    assert pa_.root != pb.root and pa_.is_complete() and pb.is_complete()
+    assert pb.read_manifest()["latent_shape"] == [4, 8, 8]
