@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGE_COMMANDS:
         common(sub.add_parser(stage, help=f"run the {stage} stage"))
     common(sub.add_parser("status", help="show each stage's state and path"))
-    p = sub.add_parser("config", help="print the resolved config as YAML")
+    p = sub.add_parser("config", help="print the resolved config (YAML, or JSON for --params)")
     common(p)
+    p.add_argument(
+        "--json", action="store_true", help="print JSON (e.g. for prefect deployment run --params)"
+    )
     p = sub.add_parser("serve", help="publish the flows as deployments to a Prefect server and serve them")
     common(p)
     p.add_argument("--name", default=None, help="deployment name (default: the preset name)")
@@ -91,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "config":
+            import json
+
             import yaml
 
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            data = cfg.model_dump(mode="json")
+            print(json.dumps(data) if args.json else yaml.safe_dump(data, sort_keys=False), end="\n")
             return 0
         if args.command == "status":
             from flows.status import format_statuses, stage_statuses

@@ -291,9 +291,8 @@ def load_config(
 ) -> PipelineConfig:
     """Preset + `--set` overrides + workspace (argument, then $T2I_WORKSPACE, then ./workspace), validated."""
     data = apply_overrides(preset_dict(preset), list(overrides or []))
-    ws = workspace or os.environ.get("T2I_WORKSPACE")
-    if ws:
-        data["workspace"] = ws
+    ws = workspace or os.environ.get("T2I_WORKSPACE") or data.get("workspace") or DEFAULT_WORKSPACE
+    data["workspace"] = str(Path(ws).expanduser().resolve())  # absolute: deployments run elsewhere
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:

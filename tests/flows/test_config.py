@@ -35,6 +35,9 @@ def test_overrides_are_typed(tmp_path):
 def test_workspace_from_argument_then_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("T2I_WORKSPACE", str(tmp_path / "env"))
     assert load_config("tiny").workspace == str(tmp_path / "env")
+    monkeypatch.delenv("T2I_WORKSPACE")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny").workspace == str(tmp_path / "workspace")
     assert load_config("tiny", workspace=str(tmp_path / "arg")).workspace == str(tmp_path / "arg")
 
 
