@@ -52,7 +52,7 @@ status: install
 	$(BIN)/t2i status --preset $(PRESET)
 
 bench: install
-	$(BIN)/python -m pytest -q -s tests/benchmarks
+	$(BIN)/python tests/benchmarks/bench_recaption.py
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache .ruff_cache *.egg-info

@@ -27,6 +27,15 @@ CAPTIONS = pa.schema(
     ]
 )
 
+
+def captions_schema(extra_columns: list[str] | None = None) -> pa.Schema:
+    """CAPTIONS plus one string column per extra prompt (`caption_<name>`)."""
+    schema = CAPTIONS
+    for name in extra_columns or []:
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
 LATENTS = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),

@@ -54,7 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     common(sub.add_parser("run", help="run every stage (finished ones are skipped)"))
     for stage in STAGE_COMMANDS:
-        common(sub.add_parser(stage, help=f"run the {stage} stage"))
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        common(p)
+        if stage == "recaption":
+            p.add_argument(
+                "--part", default=None, metavar="K/N", help="caption only the k-th of n shard sets"
+            )
+            p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
+            p.add_argument(
+                "--workers", type=int, default=None, help="engine processes (default: one per GPU)"
+            )
+    p = sub.add_parser("export-captions", help="export captions as a datasets dataset (file, folder or Hub)")
+    common(p)
+    p.add_argument("--out", default=None, help=".parquet/.csv/.tsv/.jsonl file, or a folder (save_to_disk)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="push to a private Hub dataset repo")
     common(sub.add_parser("status", help="show each stage's state and path"))
     p = sub.add_parser("config", help="print the resolved config (YAML, or JSON for --params)")
     common(p)
@@ -81,9 +94,31 @@ def _print_outputs(cfg: PipelineConfig) -> None:
     print("\nOutputs:\n" + format_statuses(stage_statuses(cfg)))
 
 
+def _export_captions(cfg: PipelineConfig, out: str | None, repo: str | None) -> int:
+    from data.caption_sets import export_captions
+    from flows.plan import Plan
+    from tasks.hub import hub_token
+
+    if not out and not repo:
+        print("t2i: export-captions needs --out and/or --push-to-hub", file=sys.stderr)
+        return 2
+    plan = Plan(cfg)
+    images, captions = plan.require("download"), plan.require("recaption")
+    export_captions(
+        captions, images, plan.num_shards, out, push_to_hub=repo, token=hub_token() if repo else None
+    )
+    print(
+        f"exported {captions.read_manifest()['rows']} captions to {out or ''}{' and ' if out and repo else ''}{repo or ''}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_defaults()
+    for flag in ("part", "gpus", "workers"):
+        if getattr(args, flag, None) is not None:
+            args.overrides.append(f"recaption.{flag}={getattr(args, flag)}")
     try:
         cfg = load_config(args.preset, args.overrides, args.workspace)
     except ConfigError as err:
@@ -106,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_statuses(stage_statuses(cfg)))
             return 0
+        if args.command == "export-captions":
+            return _export_captions(cfg, args.out, args.push_to_hub)
         if args.command == "serve":
             from flows.deployments import serve_flows
 

@@ -74,37 +74,98 @@ class DownloadConfig(StageConfig):
 
 
 class RecaptionConfig(StageConfig):
-    backend: Literal["vllm", "transformers", "template"] = Field(
+    backend: Literal["vllm", "transformers", "template", "import"] = Field(
         "vllm",
-        description="vllm: batched offline inference; transformers: generate(); template: class names.",
+        description="vllm: batched offline inference; transformers: generate(); template: class names; "
+        "import: bring your own captions from `captions_source`.",
     )
     model: str = Field(
         "llava-hf/llama3-llava-next-8b-hf",
         description="VLM: a Hub id, a local path, or 'tiny:llava' (built locally, for CPU runs).",
     )
     revision: str | None = Field(None, description="Model revision (Hub), recorded in the manifest.")
-    prompt: str = Field("Describe this image", description="User turn sent with the image.")
+    prompt: str = Field(
+        "Describe this image", description="User turn sent with the image (column `caption`)."
+    )
+    extra_prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="More prompts per image, each its own column `caption_<name>`, e.g. {short: 'Describe this "
+        "image in one sentence'}; all go through the engine in the same pass.",
+    )
     template: str = Field(
         "An image of {class_name}", description="Caption of the template backend; {class_name} is filled in."
     )
     max_new_tokens: int = Field(200, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (the paper).")
+    image_max_side: int | None = Field(
+        1024,
+        ge=16,
+        description="Images are downscaled so their longer side is at most this before captioning.",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16")
     max_model_len: int = Field(4096, ge=64, description="vLLM context length (prompt + image + caption).")
+    seed: int = Field(0)
+    captions_source: str | None = Field(
+        None,
+        description="import backend: a .parquet/.csv/.tsv/.jsonl file or 'hf:<dataset>' of key → caption; keys "
+        "match image keys exactly, by file name, or by file name without extension.",
+    )
+    key_column: str | None = Field(None, description="import backend: key column (default: detected).")
+    caption_column: str | None = Field(
+        None, description="import backend: caption column (default: detected)."
+    )
+    # runtime: how the work is spread, never what it produces
     max_num_seqs: int = Field(64, ge=1, description="vLLM: sequences decoded concurrently.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM: share of GPU memory.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per engine.")
+    limit_mm_per_prompt: int = Field(1, ge=1, description="vLLM: images per prompt.")
     batch_size: int = Field(16, ge=1, description="transformers backend: images per generate() call.")
-    seed: int = Field(0)
+    gpus: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs to use (default: all visible); one engine per tensor_parallel_size GPUs.",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Engine processes (default: one per GPU group; 1 on CPU)."
+    )
+    part: str = Field(
+        "1/1",
+        pattern=r"^\d+/\d+$",
+        description="k/n: this run captions the k-th of n interleaved shard sets "
+        "(split across machines, SLURM arrays, several Prefect workers).",
+    )
+    device: str = Field("auto", description="transformers backend: 'auto', 'cpu', 'cuda', ...")
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
-        {"max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size", "batch_size"}
+        {
+            "max_num_seqs",
+            "gpu_memory_utilization",
+            "tensor_parallel_size",
+            "limit_mm_per_prompt",
+            "batch_size",
+            "gpus",
+            "workers",
+            "part",
+            "device",
+        }
     )
 
     def fingerprint_fields(self) -> dict[str, Any]:
         if self.backend == "template":  # the model settings do not touch template captions
-            return {"backend": "template", "template": self.template}
+            return {
+                "backend": "template",
+                "template": self.template,
+                "extra_prompts": sorted(self.extra_prompts),
+            }
+        if self.backend == "import":
+            keep = ("backend", "captions_source", "key_column", "caption_column")
+            return {k: getattr(self, k) for k in keep}
         return super().fingerprint_fields()
+
+    @property
+    def part_index(self) -> tuple[int, int]:
+        k, n = (int(x) for x in self.part.split("/"))
+        return k, n
 
     @field_validator("template")
     @classmethod
@@ -112,6 +173,23 @@ class RecaptionConfig(StageConfig):
         if "{class_name}" not in v:
             raise ValueError("template must contain '{class_name}'")
         return v
+
+    @field_validator("extra_prompts")
+    @classmethod
+    def _column_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+                raise ValueError(f"extra prompt name {name!r} must be lowercase letters, digits, underscores")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RecaptionConfig:
+        k, n = self.part_index
+        if not 1 <= k <= n:
+            raise ValueError(f"part must be k/n with 1 <= k <= n, got {self.part!r}")
+        if self.backend == "import" and not self.captions_source:
+            raise ValueError("the import backend needs captions_source (a caption file or hf:<dataset>)")
+        return self
 
 
 class LatentsConfig(StageConfig):
@@ -164,10 +242,16 @@ class TrainConfig(StageConfig):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(100, ge=1)
     seed: int = Field(0)
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per step (global batch is unchanged).")
+    processes: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes on this machine (DDP; default: one per visible GPU, 1 on CPU).",
+    )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
-        {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+        {"checkpoint_every", "keep_checkpoints", "log_every", "device", "grad_accumulation", "processes"}
     )
 
 

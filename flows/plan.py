@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from data.caption_sets import source_identity
 from data.sources import Source, open_source
 from data.store import Artifact, fingerprint
 from flows.config import PipelineConfig
@@ -52,6 +53,8 @@ class Plan:
     @functools.cached_property
     def captions(self) -> Artifact:
         cfg = self.cfg.recaption.fingerprint_fields()
+        if self.cfg.recaption.backend == "import":
+            cfg["source_identity"] = source_identity(str(self.cfg.recaption.captions_source))
         return self._artifact("recaption", recaption_task.VERSION, cfg, {"images": self.images.fingerprint})
 
     @functools.cached_property

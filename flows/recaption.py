@@ -1,15 +1,26 @@
-"""The recaption flow: `images` shards → `captions` shards aligned 1:1 (vLLM, transformers or template)."""
+"""The recaption flow: `images` shards → `captions` shards aligned 1:1 (vLLM, transformers, template or
+imported captions), on one engine in-process or one engine per GPU group in worker processes, optionally
+for one part k/n of the shards (several machines or Prefect workers)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow
 
 from flows.config import PipelineConfig
 from flows.plan import Plan
-from flows.stage_runner import run_sharded_stage
-from tasks.recaption import caption_summary, recaption_shard
+from flows.stage_runner import StageRun, skipped_summary
+from tasks.recaption import (
+    caption_summary,
+    engine_groups,
+    part_shards,
+    recaption_shard,
+    run_worker,
+    summary_markdown,
+)
+from tasks.shards import run_logger
 
 
 @flow(name="recaption", description="Caption every image with a VLM into Parquet shards.", log_prints=True)
@@ -17,11 +28,41 @@ def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
     images = plan.require("download")
     artifact = plan.captions
-    runner = recaption_shard.with_options(task_run_name="recaption-{index}")
-    return run_sharded_stage(
-        "recaption",
-        artifact,
-        plan.num_shards,
-        lambda i: runner(cfg=cfg.recaption, artifact=artifact, index=i, images=images),
-        extra=lambda: caption_summary(artifact, plan.num_shards, cfg.recaption),
-    )
+    if artifact.is_complete():
+        return skipped_summary("recaption", artifact)
+    rc = cfg.recaption
+    run = StageRun("recaption", artifact, plan.num_shards, part_shards(plan.num_shards, rc.part_index))
+    groups = engine_groups(rc)
+    if len(groups) == 1:
+        runner = recaption_shard.with_options(task_run_name="recaption-{index}")
+        for pos, index in enumerate(run.todo):
+            t0 = time.time()
+            nxt = run.todo[pos + 1] if pos + 1 < len(run.todo) else None
+            run.report(
+                runner(cfg=rc, artifact=artifact, index=index, images=images, next_index=nxt),
+                time.time() - t0,
+            )
+    elif run.todo:
+        run_logger().info(f"[recaption] {len(groups)} engines: {groups}")
+        futures = [
+            run_worker.with_options(task_run_name=f"recaption-worker-{w}").submit(
+                rc, artifact, images, run.todo[w :: len(groups)], gpus, w
+            )
+            for w, gpus in enumerate(groups)
+        ]
+        for fut in futures:
+            fut.result()
+    summary = run.finish(lambda: caption_summary(artifact, plan.num_shards, rc))
+    if summary["complete"]:
+        manifest = artifact.read_manifest()
+        try:
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(
+                markdown=summary_markdown({**manifest, "path": str(artifact.root)}),
+                key="recaption-summary",
+                description="Recaption summary",
+            )
+        except Exception:  # outside a flow run there is nowhere to publish it
+            pass
+    return summary

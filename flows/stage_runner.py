@@ -13,11 +13,71 @@ from tasks.shards import Progress, run_logger
 def skipped_summary(stage: str, artifact: Artifact) -> dict[str, Any]:
     manifest = artifact.read_manifest()
     run_logger().info(f"[{stage}] already complete: {artifact.root}")
-    return {"stage": stage, "path": str(artifact.root), "skipped": True, **_counts(manifest)}
+    return {
+        "stage": stage,
+        "path": str(artifact.root),
+        "skipped": True,
+        "complete": True,
+        **_counts(manifest),
+    }
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in ("rows", "rejects", "rejects_by_reason") if k in manifest}
+
+
+class StageRun:
+    """One run of a sharded stage over `shards` (default: all): what is left to do, progress, finalization."""
+
+    def __init__(
+        self, stage: str, artifact: Artifact, num_shards: int, shards: list[int] | None = None
+    ) -> None:
+        self.stage, self.artifact, self.num_shards = stage, artifact, num_shards
+        self.shards = list(range(num_shards)) if shards is None else shards
+        self.started = time.time()
+        artifact.root.mkdir(parents=True, exist_ok=True)
+        artifact.clean_stale_temporaries()
+        self.todo = [i for i in self.shards if not artifact.has_shard(i)]
+        done = len(self.shards) - len(self.todo)
+        run_logger().info(
+            f"[{stage}] {done} of {len(self.shards)} shards already done, {len(self.todo)} to run → {artifact.root}"
+        )
+        self.progress = Progress(stage, len(self.shards), done=done)
+
+    def report(self, info: ShardInfo, seconds: float) -> None:
+        self.progress.advance(
+            f"(part {info.index:05d}: {info.rows} rows, {info.rejects} rejects, {seconds:.1f}s, "
+            f"{info.rows / max(seconds, 1e-9):.0f}/s)"
+        )
+
+    def finish(self, extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Write the manifest if every shard of the stage is on disk (other parts may still be running)."""
+        art, logger = self.artifact, run_logger()
+        present = len(art.done_shards(self.num_shards))
+        if present < self.num_shards:
+            logger.info(
+                f"[{self.stage}] this run's shards are done; {present} of {self.num_shards} shards on disk, "
+                "the manifest is written by the run that completes the last one"
+            )
+            return {"stage": self.stage, "path": str(art.root), "skipped": False, "complete": False}
+        manifest = art.finalize_shards(
+            num_shards=self.num_shards,
+            config=art.extra.get("config", {}),
+            inputs=art.extra.get("inputs", {}),
+            started=self.started,
+            extra=extra() if extra else None,
+        )
+        logger.info(
+            f"[{self.stage}] complete: {manifest['rows']} rows, {manifest['rejects']} rejects "
+            f"{manifest['rejects_by_reason'] or ''} in {manifest['seconds']:.1f}s → {art.root}"
+        )
+        return {
+            "stage": self.stage,
+            "path": str(art.root),
+            "skipped": False,
+            "complete": True,
+            **_counts(manifest),
+        }
 
 
 def run_sharded_stage(
@@ -35,40 +95,13 @@ def run_sharded_stage(
     """
     if artifact.is_complete():
         return skipped_summary(stage, artifact)
-    started = time.time()
-    artifact.root.mkdir(parents=True, exist_ok=True)
-    artifact.clean_stale_temporaries()
-    todo = [i for i in range(num_shards) if not artifact.has_shard(i)]
-    logger = run_logger()
-    logger.info(
-        f"[{stage}] {num_shards - len(todo)} of {num_shards} shards already done, {len(todo)} to run → {artifact.root}"
-    )
-    progress = Progress(stage, num_shards, done=num_shards - len(todo))
-
-    def report(info: ShardInfo, t0: float) -> None:
-        dt = time.time() - t0
-        progress.advance(
-            f"(part {info.index:05d}: {info.rows} rows, {info.rejects} rejects, {dt:.1f}s, {info.rows / max(dt, 1e-9):.0f}/s)"
-        )
-
+    run = StageRun(stage, artifact, num_shards)
     if concurrent:
         t0 = time.time()
-        futures = [run_shard(i) for i in todo]
-        for fut in futures:
-            report(fut.result(), t0)
+        for fut in [run_shard(i) for i in run.todo]:
+            run.report(fut.result(), time.time() - t0)
     else:
-        for i in todo:
+        for i in run.todo:
             t0 = time.time()
-            report(run_shard(i), t0)
-    manifest = artifact.finalize_shards(
-        num_shards=num_shards,
-        config=artifact.extra.get("config", {}),
-        inputs=artifact.extra.get("inputs", {}),
-        started=started,
-        extra=extra() if extra else None,
-    )
-    logger.info(
-        f"[{stage}] complete: {manifest['rows']} rows, {manifest['rejects']} rejects "
-        f"{manifest['rejects_by_reason'] or ''} in {manifest['seconds']:.1f}s → {artifact.root}"
-    )
-    return {"stage": stage, "path": str(artifact.root), "skipped": False, **_counts(manifest)}
+            run.report(run_shard(i), time.time() - t0)
+    return run.finish(extra)

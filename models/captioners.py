@@ -1,15 +1,17 @@
 """Captioner backends behind one small interface: vLLM (batched offline inference), transformers
 `generate` (fallback, and the reference for tests) and the paper's class-name template baseline.
 
-A backend takes a list of RGB images with their class names and returns one `Caption` per image. A failed
-item comes back with `error` set instead of raising, so one bad image never costs the rest of the batch.
+`caption(images, class_names, prompts)` takes RGB images, their class names and a mapping of column name →
+prompt (several prompts per image, e.g. a short and a long description, in one pass) and returns, for each
+column, one `Caption` per image. A backend may raise for a whole batch; the recaption task then splits the
+batch to isolate the items that fail.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +29,9 @@ class Caption:
 class Captioner(Protocol):
     model_id: str
 
-    def caption(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[Caption]: ...
+    def caption(
+        self, images: Sequence[Image.Image], class_names: Sequence[str], prompts: Mapping[str, str]
+    ) -> dict[str, list[Caption]]: ...
 
 
 def postprocess_caption(text: str) -> str:
@@ -40,18 +44,17 @@ def postprocess_caption(text: str) -> str:
 
 
 class TemplateCaptioner:
-    """The paper's baseline: "An image of <class>"."""
+    """The paper's baseline: "An image of <class>" (the same text for every prompt column)."""
 
     def __init__(self, template: str) -> None:
         self.template = template
         self.model_id = "template"
 
-    def caption(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[Caption]:
-        out = []
-        for name in class_names:
-            text = self.template.format(class_name=name)
-            out.append(Caption(text=text, tokens=len(text.split())))
-        return out
+    def caption(
+        self, images: Sequence[Image.Image | None], class_names: Sequence[str], prompts: Mapping[str, str]
+    ) -> dict[str, list[Caption]]:
+        texts = [self.template.format(class_name=name) for name in class_names]
+        return {col: [Caption(text=t, tokens=len(t.split())) for t in texts] for col in prompts}
 
 
 def chat_prompt(processor, prompt: str) -> str:
@@ -73,14 +76,34 @@ def configure_vllm_for_cpu(cache_root: str | None = None) -> None:
         os.environ.setdefault("VLLM_CACHE_ROOT", cache_root)
 
 
+_ENGINE_SLOT: dict[str, object] = {}
+
+
+def shared_engine(**engine_args):
+    """One vLLM engine per process: engines share process-wide distributed state, so a second live engine
+    is fragile. Asking for different engine settings first releases the current engine."""
+    import gc
+    import json
+
+    from vllm import LLM
+
+    key = json.dumps(engine_args, sort_keys=True, default=str)
+    if _ENGINE_SLOT.get("key") != key:
+        _ENGINE_SLOT.clear()
+        gc.collect()
+        _ENGINE_SLOT["llm"] = LLM(**engine_args)
+        _ENGINE_SLOT["key"] = key
+    return _ENGINE_SLOT["llm"]
+
+
 class VLLMCaptioner:
-    """One vLLM engine; a whole shard goes through one `generate` call and continuous batching does the rest."""
+    """A vLLM engine (shared per process) and sampling settings; a whole shard (× prompts) goes through one
+    `generate` call and continuous batching does the rest."""
 
     def __init__(
         self,
         model_id: str,
         *,
-        prompt: str,
         max_new_tokens: int,
         temperature: float = 0.0,
         dtype: str = "bfloat16",
@@ -88,49 +111,70 @@ class VLLMCaptioner:
         max_num_seqs: int = 64,
         gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
+        limit_mm_per_prompt: int = 1,
         seed: int = 0,
         revision: str | None = None,
         cache_root: str | None = None,
+        ignore_eos: bool = False,
     ) -> None:
         configure_vllm_for_cpu(cache_root)
         import torch
         from transformers import AutoProcessor
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
         self.model_id = model_id
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-        self.prompt = chat_prompt(processor, prompt)
-        on_cpu = not torch.cuda.is_available()
-        kwargs = dict(
+        self.processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        self.engine_args = dict(
             model=model_id,
             revision=revision,
             dtype=dtype,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            limit_mm_per_prompt={"image": 1},
+            limit_mm_per_prompt={"image": limit_mm_per_prompt},
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
         )
-        if on_cpu:
-            kwargs.update(enforce_eager=True, distributed_executor_backend="uni")
+        if torch.cuda.is_available():
+            self.engine_args.update(gpu_memory_utilization=gpu_memory_utilization)
         else:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
-        self.llm = LLM(**kwargs)
-        self.sampling = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            self.engine_args.update(enforce_eager=True, distributed_executor_backend="uni")
+        shared_engine(**self.engine_args)  # load now, so load time is not charged to the first shard
+        self.sampling = SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos
+        )
+        self._rendered: dict[str, str] = {}
 
-    def caption(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[Caption]:
-        requests = [{"prompt": self.prompt, "multi_modal_data": {"image": im}} for im in images]
+    @property
+    def llm(self):
+        return shared_engine(**self.engine_args)
+
+    def render(self, prompt: str) -> str:
+        if prompt not in self._rendered:
+            self._rendered[prompt] = chat_prompt(self.processor, prompt)
+        return self._rendered[prompt]
+
+    def caption(
+        self, images: Sequence[Image.Image], class_names: Sequence[str], prompts: Mapping[str, str]
+    ) -> dict[str, list[Caption]]:
+        columns = list(prompts)
+        requests = [
+            {"prompt": self.render(prompts[col]), "multi_modal_data": {"image": im}}
+            for col in columns
+            for im in images
+        ]
         outputs = self.llm.generate(requests, self.sampling, use_tqdm=False)
-        result = []
-        for out in outputs:
-            completion = out.outputs[0]
-            result.append(
-                Caption(
-                    text=postprocess_caption(completion.text),
-                    tokens=len(completion.token_ids),
-                    finish_reason=completion.finish_reason or "stop",
+        result: dict[str, list[Caption]] = {}
+        for c, col in enumerate(columns):
+            result[col] = []
+            for out in outputs[c * len(images) : (c + 1) * len(images)]:
+                completion = out.outputs[0]
+                result[col].append(
+                    Caption(
+                        text=postprocess_caption(completion.text),
+                        tokens=len(completion.token_ids),
+                        finish_reason=completion.finish_reason or "stop",
+                    )
                 )
-            )
         return result
 
 
@@ -141,7 +185,6 @@ class TransformersCaptioner:
         self,
         model_id: str,
         *,
-        prompt: str,
         max_new_tokens: int,
         temperature: float = 0.0,
         dtype: str = "bfloat16",
@@ -149,6 +192,7 @@ class TransformersCaptioner:
         device: str = "auto",
         seed: int = 0,
         revision: str | None = None,
+        ignore_eos: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -162,13 +206,21 @@ class TransformersCaptioner:
             model_id, revision=revision, dtype=torch_dtype
         )
         self.model.to(self.device).eval()
-        self.prompt = chat_prompt(self.processor, prompt)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.batch_size = batch_size
         self.seed = seed
+        self.ignore_eos = ignore_eos
 
-    def caption(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[Caption]:
+    def caption(
+        self, images: Sequence[Image.Image], class_names: Sequence[str], prompts: Mapping[str, str]
+    ) -> dict[str, list[Caption]]:
+        return {
+            col: self._caption_one_prompt(images, chat_prompt(self.processor, p))
+            for col, p in prompts.items()
+        }
+
+    def _caption_one_prompt(self, images: Sequence[Image.Image], prompt: str) -> list[Caption]:
         import torch
 
         result: list[Caption] = []
@@ -176,17 +228,19 @@ class TransformersCaptioner:
         for start in range(0, len(images), self.batch_size):
             batch = list(images[start : start + self.batch_size])
             inputs = self.processor(
-                images=batch, text=[self.prompt] * len(batch), return_tensors="pt", padding=True
-            ).to(self.device)
+                images=batch, text=[prompt] * len(batch), return_tensors="pt", padding=True
+            )
+            inputs = inputs.to(self.device)
             gen = dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0)
+            if self.ignore_eos:
+                gen["min_new_tokens"] = self.max_new_tokens
             if self.temperature > 0:
                 gen["temperature"] = self.temperature
                 torch.manual_seed(self.seed + start)
             with torch.inference_mode():
                 ids = self.model.generate(**inputs, **gen)
-            new = ids[:, inputs["input_ids"].shape[1] :]
-            for row in new.tolist():
-                stopped = eos in row
+            for row in ids[:, inputs["input_ids"].shape[1] :].tolist():
+                stopped = eos in row and not self.ignore_eos
                 row = row[: row.index(eos)] if stopped else row
                 text = self.processor.tokenizer.decode(row, skip_special_tokens=True)
                 result.append(

@@ -82,10 +82,21 @@ def _bpe_tokenizer(specials: list[str], vocab_size: int):
     return tok
 
 
-def build_tiny_llava(out: Path, image_size: int = 32, patch: int = 8, seed: int = 0) -> None:
+def build_tiny_llava(
+    out: Path,
+    image_size: int = 32,
+    patch: int = 8,
+    seed: int = 0,
+    vision_width: int = 64,
+    vision_layers: int = 2,
+    text_width: int = 64,
+    text_layers: int = 2,
+    head_dim: int = 32,
+) -> None:
     """A LLaVA-1.5-layout model (CLIP vision + Llama) that vLLM serves like any llava-hf checkpoint.
 
-    vLLM's CPU attention needs a head size of 32/64/80/...: hidden 64 with 2 heads gives 32.
+    vLLM's CPU attention needs a head size of 32/64/80/...: the default, hidden 64 with 2 heads, gives 32.
+    Larger widths and depths give the random models that benchmarks need.
     """
     from transformers import (
         CLIPVisionConfig,
@@ -115,21 +126,21 @@ def build_tiny_llava(out: Path, image_size: int = 32, patch: int = 8, seed: int 
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vocab_padded = (len(tokenizer) + 63) // 64 * 64
     vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_width // head_dim,
         image_size=image_size,
         patch_size=patch,
-        projection_dim=64,
+        projection_dim=vision_width,
     )
     text = LlamaConfig(
         vocab_size=vocab_padded,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=text_width,
+        intermediate_size=2 * text_width if text_width <= 64 else 3 * text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_width // head_dim,
+        num_key_value_heads=text_width // head_dim,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

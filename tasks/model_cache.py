@@ -25,7 +25,6 @@ def _cached(kind: str, key: str) -> Any:
         if backend == "template":
             return TemplateCaptioner(spec["template"])
         common = dict(
-            prompt=spec["prompt"],
             max_new_tokens=spec["max_new_tokens"],
             temperature=spec["temperature"],
             dtype=spec["dtype"],
@@ -39,10 +38,19 @@ def _cached(kind: str, key: str) -> Any:
                 max_num_seqs=spec["max_num_seqs"],
                 gpu_memory_utilization=spec["gpu_memory_utilization"],
                 tensor_parallel_size=spec["tensor_parallel_size"],
+                limit_mm_per_prompt=spec["limit_mm_per_prompt"],
                 cache_root=spec["cache_root"],
                 **common,
             )
-        return TransformersCaptioner(spec["path"], batch_size=spec["batch_size"], **common)
+        return TransformersCaptioner(
+            spec["path"], batch_size=spec["batch_size"], device=spec["device"], **common
+        )
+    if kind == "imported":
+        from data.caption_sets import CaptionLookup, load_caption_table
+        from tasks.hub import hub_token
+
+        table = load_caption_table(spec["source"], spec["key_column"], spec["caption_column"], hub_token())
+        return CaptionLookup(table)
     if kind == "vae":
         from models.vae import load_vae
 

@@ -1,94 +1,284 @@
-"""Recaption stage unit of work: one image shard → one caption shard with the same keys in the same order."""
+"""Recaption stage units of work: one image shard → one caption shard with the same keys in the same order.
+
+Runs in-process (one Prefect task per shard) or as engine worker processes (one Prefect task per worker,
+each walking its own shards) when several GPUs are used. Decoding the next shard overlaps with generating
+the current one, and a failing item never costs the rest of its shard.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 from prefect import task
 
 from data.imaging import RejectedImage, decode_image
-from data.schemas import CAPTIONS
+from data.schemas import captions_schema
 from data.store import Artifact, Reject, ShardInfo
 from models.captioners import Caption, Captioner
 from models.tiny import resolve_model
 from tasks.model_cache import cached_model
-from tasks.shards import SHARD_TASK_OPTIONS
+from tasks.shards import SHARD_TASK_OPTIONS, run_logger
 
 if TYPE_CHECKING:
     from flows.config import RecaptionConfig
 
-VERSION = 1
+VERSION = 2
 
 
-def load_captioner(cfg: RecaptionConfig, workspace: Path) -> Captioner:
-    spec = cfg.model_dump(mode="json")
+def caption_columns(cfg: RecaptionConfig) -> dict[str, str]:
+    """Column name → prompt: `caption` for the main prompt, `caption_<name>` for each extra prompt."""
+    return {"caption": cfg.prompt, **{f"caption_{k}": v for k, v in sorted(cfg.extra_prompts.items())}}
+
+
+def load_captioner(cfg: RecaptionConfig, workspace: Path) -> Any:
+    if cfg.backend == "import":
+        spec = {
+            "source": cfg.captions_source,
+            "key_column": cfg.key_column,
+            "caption_column": cfg.caption_column,
+        }
+        return cached_model("imported", **spec)
+    spec = cfg.model_dump(mode="json", exclude={"part", "workers", "gpus", "extra_prompts", "prompt"})
     spec["path"] = resolve_model(cfg.model, workspace) if cfg.backend != "template" else None
     spec["cache_root"] = str(workspace / ".cache" / "vllm")
     return cached_model("captioner", **spec)
 
 
+# --- decoding, overlapped with generation -----------------------------------------------------------------
+
+
+@dataclass
+class DecodedShard:
+    keys: list[str] = field(default_factory=list)
+    images: list[Image.Image | None] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def decode_shard(images: Artifact, index: int, max_side: int | None, pixels: bool = True) -> DecodedShard:
+    columns = ["key", "image", "class_name"] if pixels else ["key", "class_name"]
+    out = DecodedShard()
+    for row in images.read_shard(index, columns=columns).to_pylist():
+        image = None
+        if pixels:
+            try:
+                image = decode_image(row["image"])
+            except RejectedImage as err:
+                out.rejects.append(Reject(row["key"], err.reason, err.detail))
+                continue
+            if max_side and max(image.size) > max_side:
+                image.thumbnail((max_side, max_side), Image.LANCZOS)
+        out.keys.append(row["key"])
+        out.images.append(image)
+        out.class_names.append(row["class_name"] or "")
+    return out
+
+
+class ShardPrefetcher:
+    """Decodes upcoming shards on a background thread while the engine generates the current one."""
+
+    def __init__(self, images: Artifact, max_side: int | None, pixels: bool) -> None:
+        self.images, self.max_side, self.pixels = images, max_side, pixels
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.pending: dict[int, Future] = {}
+        self.lock = threading.Lock()
+
+    def prefetch(self, index: int) -> None:
+        with self.lock:
+            if index not in self.pending:
+                self.pending[index] = self.pool.submit(
+                    decode_shard, self.images, index, self.max_side, self.pixels
+                )
+
+    def take(self, index: int) -> DecodedShard:
+        self.prefetch(index)
+        with self.lock:
+            future = self.pending.pop(index)
+        return future.result()
+
+
+_prefetchers: dict[tuple[str, int | None, bool], ShardPrefetcher] = {}
+
+
+def prefetcher_for(images: Artifact, cfg: RecaptionConfig) -> ShardPrefetcher:
+    pixels = cfg.backend in ("vllm", "transformers")
+    key = (str(images.root), cfg.image_max_side, pixels)
+    if key not in _prefetchers:
+        _prefetchers[key] = ShardPrefetcher(images, cfg.image_max_side, pixels)
+    return _prefetchers[key]
+
+
+# --- one shard --------------------------------------------------------------------------------------------
+
+
 def caption_isolating_failures(
-    captioner: Captioner, images: Sequence[Image.Image], class_names: Sequence[str]
-) -> list[Caption]:
+    captioner: Captioner,
+    images: Sequence[Image.Image],
+    class_names: Sequence[str],
+    prompts: Mapping[str, str],
+) -> dict[str, list[Caption]]:
     """Caption a batch; if the backend raises, split the batch and retry, so only the failing items are lost."""
     try:
-        return captioner.caption(images, class_names)
+        return captioner.caption(images, class_names, prompts)
     except Exception as err:  # the backend's errors are many and untyped; each is contained to its items
-        if len(images) == 1:
-            return [Caption(text=None, finish_reason="error", error=f"{type(err).__name__}: {err}")]
+        if len(images) <= 1:
+            failed = Caption(text=None, finish_reason="error", error=f"{type(err).__name__}: {err}"[:500])
+            return {col: [failed] * len(images) for col in prompts}
         mid = len(images) // 2
-        return caption_isolating_failures(
-            captioner, images[:mid], class_names[:mid]
-        ) + caption_isolating_failures(captioner, images[mid:], class_names[mid:])
+        left = caption_isolating_failures(captioner, images[:mid], class_names[:mid], prompts)
+        right = caption_isolating_failures(captioner, images[mid:], class_names[mid:], prompts)
+        return {col: left[col] + right[col] for col in prompts}
 
 
-@task(name="recaption-shard", **SHARD_TASK_OPTIONS)
-def recaption_shard(cfg: RecaptionConfig, artifact: Artifact, index: int, images: Artifact) -> ShardInfo:
+def caption_shard(
+    cfg: RecaptionConfig, artifact: Artifact, index: int, images: Artifact, next_index: int | None = None
+) -> ShardInfo:
+    """Caption shard `index` (a no-op if it is on disk); start decoding `next_index` meanwhile."""
     if artifact.has_shard(index):
         return artifact.shard_info(index)
     captioner = load_captioner(cfg, artifact.workspace)
-    table = images.read_shard(index, columns=["key", "image", "class_name"]).to_pylist()
-    keys, pils, names, rejects = [], [], [], []
-    for row in table:
-        try:
-            image = decode_image(row["image"]) if cfg.backend != "template" else None
-        except RejectedImage as err:
-            rejects.append(Reject(row["key"], err.reason, err.detail))
-            continue
-        keys.append(row["key"])
-        pils.append(image)
-        names.append(row["class_name"] or "")
-    captions = caption_isolating_failures(captioner, pils, names)
+    prefetcher = prefetcher_for(images, cfg)
+    shard = prefetcher.take(index)
+    if next_index is not None:
+        prefetcher.prefetch(next_index)
+    columns = caption_columns(cfg)
+    rejects = list(shard.rejects)
+    started = time.time()
+    if cfg.backend == "import":
+        found = [captioner.get(k) for k in shard.keys]
+        results = {
+            col: [Caption(text=t, tokens=len(t.split())) if t else None for t in found] for col in columns
+        }
+    else:
+        results = caption_isolating_failures(captioner, shard.images, shard.class_names, columns)
+    errors = [c.error for c in results["caption"] if c is not None and c.error is not None]
+    if len(errors) > 1 and len(errors) == len(shard.keys):
+        # every item failing is the engine, not the data: fail the shard (a rerun retries it) instead of
+        # writing a shard of rejects that a rerun would then skip
+        raise RuntimeError(f"recaption: every item of shard {index} failed; first error: {errors[0]}")
+    model = {"template": "template", "import": f"import:{Path(str(cfg.captions_source)).name}"}.get(
+        cfg.backend, cfg.model
+    )
     rows = []
-    for key, cap in zip(keys, captions, strict=True):
-        if cap.error is not None or cap.text is None:
-            rejects.append(Reject(key, "generation failed", cap.error or "no text"))
+    for j, key in enumerate(shard.keys):
+        caps = {col: results[col][j] for col in columns}
+        if any(c is None for c in caps.values()):
+            rejects.append(Reject(key, "no caption", "the imported caption set has no entry for this key"))
             continue
-        rows.append(
-            {
-                "key": key,
-                "caption": cap.text,
-                "model": cfg.model
-                if cfg.backend != "template"
-                else "template",  # the reference, not a local path
-                "tokens": cap.tokens,
-                "finish_reason": cap.finish_reason,
-            }
-        )
-    return artifact.write_shard(index, pa.Table.from_pylist(rows, schema=CAPTIONS), rejects)
+        failed = [c for c in caps.values() if c.error is not None or c.text is None]
+        if failed:
+            rejects.append(Reject(key, "generation failed", failed[0].error or "no text"))
+            continue
+        main = caps["caption"]
+        row = {"key": key, "model": model, "tokens": main.tokens, "finish_reason": main.finish_reason}
+        row.update({col: c.text for col, c in caps.items()})
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=captions_schema(list(columns)[1:]))
+    seconds = time.time() - started
+    meta = dict(table.schema.metadata or {})
+    meta[b"t2i.generate_seconds"] = f"{seconds:.4f}".encode()
+    return artifact.write_shard(index, table.replace_schema_metadata(meta), rejects)
+
+
+recaption_shard = task(caption_shard, name="recaption-shard", **SHARD_TASK_OPTIONS)
+
+
+# --- shards of this part, engines, workers ----------------------------------------------------------------
+
+
+def part_shards(num_shards: int, part: tuple[int, int]) -> list[int]:
+    """Shards of part k of n: interleaved (k-1, k-1+n, ...), so parts get similar work and never overlap."""
+    k, n = part
+    return list(range(k - 1, num_shards, n))
+
+
+def engine_groups(cfg: RecaptionConfig) -> list[list[str] | None]:
+    """GPU ids of each engine (tensor_parallel_size each); on CPU, `workers` engines without GPUs."""
+    import torch
+
+    if cfg.backend in ("template", "import"):
+        return [None]
+    if not torch.cuda.is_available():
+        return [None] * (cfg.workers or 1)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = (
+        [g for g in visible.split(",") if g]
+        if visible
+        else [str(i) for i in range(torch.cuda.device_count())]
+    )
+    ids = ids[: cfg.gpus] if cfg.gpus else ids
+    tp = cfg.tensor_parallel_size
+    groups = [ids[i : i + tp] for i in range(0, len(ids) - tp + 1, tp)]
+    if not groups:
+        raise ValueError(f"recaption.tensor_parallel_size={tp} needs {tp} GPUs, {len(ids)} visible")
+    return groups[: cfg.workers] if cfg.workers else groups
+
+
+@task(name="recaption-worker")
+def run_worker(
+    cfg: RecaptionConfig,
+    artifact: Artifact,
+    images: Artifact,
+    shards: list[int],
+    gpus: list[str] | None,
+    worker: int,
+) -> list[dict[str, Any]]:
+    """One engine process walking its shards; its per-shard reports are relayed to the run log."""
+    log = run_logger()
+    spec = {
+        "cfg": cfg.model_dump(mode="json"),
+        "artifact": [str(artifact.workspace), artifact.stage, artifact.fingerprint],
+        "images": [str(images.workspace), images.stage, images.fingerprint],
+        "shards": shards,
+    }
+    env = dict(os.environ)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.recaption_worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    reports = []
+    for line in proc.stdout:
+        if line.startswith("T2I-SHARD "):
+            report = json.loads(line[len("T2I-SHARD ") :])
+            reports.append(report)
+            log.info(
+                f"[recaption] worker {worker}: part {report['index']:05d} done "
+                f"({report['rows']} rows, {report['rejects']} rejects, {report['seconds']:.1f}s)"
+            )
+    if proc.wait() != 0:
+        raise RuntimeError(f"recaption worker {worker} (GPUs {gpus}) exited with {proc.returncode}")
+    return reports
+
+
+# --- the stage summary ------------------------------------------------------------------------------------
 
 
 def caption_summary(artifact: Artifact, num_shards: int, cfg: RecaptionConfig) -> dict:
-    """Manifest summary: model, how many captions were cut by max_new_tokens, caption lengths in words."""
-    import numpy as np
-
-    words, truncated, total = [], 0, 0
+    """Manifest summary: model and sampling, truncated captions, caption lengths, throughput."""
+    words, truncated, total, seconds = [], 0, 0, 0.0
     for i in range(num_shards):
         table = artifact.read_shard(i, columns=["caption", "finish_reason"])
+        seconds += float((table.schema.metadata or {}).get(b"t2i.generate_seconds", b"0"))
         for caption, reason in zip(
             table["caption"].to_pylist(), table["finish_reason"].to_pylist(), strict=True
         ):
@@ -96,17 +286,37 @@ def caption_summary(artifact: Artifact, num_shards: int, cfg: RecaptionConfig) -
             truncated += reason == "length"
             total += 1
     lengths = np.array(words or [0])
-    return {
+    summary = {
         "backend": cfg.backend,
-        "model": cfg.model if cfg.backend != "template" else "template",
+        "model": {"template": "template", "import": cfg.captions_source}.get(cfg.backend, cfg.model),
         "revision": cfg.revision,
+        "prompts": caption_columns(cfg),
         "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed},
+        "captioned": total,
         "truncated": truncated,
         "truncated_share": truncated / max(total, 1),
         "caption_words": {
             "mean": float(lengths.mean()),
-            "p5": float(np.percentile(lengths, 5)),
-            "p50": float(np.percentile(lengths, 50)),
-            "p95": float(np.percentile(lengths, 95)),
+            **{f"p{q}": float(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95)},
         },
+        "images_per_second_per_engine": total / seconds if seconds > 0 else None,
     }
+    return summary
+
+
+def summary_markdown(manifest: dict) -> str:
+    w = manifest["caption_words"]
+    rate = manifest.get("images_per_second_per_engine")
+    lines = [
+        f"# Recaption: {manifest['model']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| images captioned | {manifest['captioned']} |",
+        f"| rejects | {manifest['rejects']} {manifest['rejects_by_reason'] or ''} |",
+        f"| truncated by max_new_tokens | {manifest['truncated']} ({100 * manifest['truncated_share']:.1f}%) |",
+        f"| caption words (mean, p5/p50/p95) | {w['mean']:.1f} ({w['p5']:.0f} / {w['p50']:.0f} / {w['p95']:.0f}) |",
+        f"| images per second per engine | {rate:.1f} |" if rate else "| images per second | n/a |",
+        f"| path | `{manifest.get('path', '')}` |",
+    ]
+    return "\n".join(lines) + "\n"

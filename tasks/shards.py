@@ -58,7 +58,9 @@ class Progress:
 
     def advance(self, message: str) -> None:
         self.done += 1
-        run_logger().info(f"[{self.stage}] shard {self.done}/{self.total} {message}")
+        filled = round(20 * self.done / self.total)
+        bar = "█" * filled + "·" * (20 - filled)
+        run_logger().info(f"[{self.stage}] {bar} {self.done}/{self.total} {message}")
         if self.artifact_id is not None:
             from prefect.artifacts import update_progress_artifact
 

@@ -7,6 +7,7 @@ uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -183,9 +184,13 @@ def train_denoiser(
     device = pick_device(cfg.device)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by {world} processes")
+    accum = cfg.grad_accumulation
+    if cfg.batch_size % (world * accum):
+        raise ValueError(
+            f"train.batch_size {cfg.batch_size} is not divisible by {world} processes × {accum} accumulation steps"
+        )
     per_rank = cfg.batch_size // world
+    micro = per_rank // accum
 
     data = load_train_data(latents, captions, num_shards)
     encoder = cached_model(
@@ -224,34 +229,41 @@ def train_denoiser(
 
     while step < last_stop:
         g = step_generator(cfg.seed, step, rank)
-        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[
+        rank_idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[
             rank * per_rank : (rank + 1) * per_rank
         ]
-        mean = data.mean[idx].float()
-        std = data.std[idx].float()
-        z = (mean + std * torch.randn(mean.shape, generator=g)) * scale_factor
-        drop = torch.rand(len(idx), generator=g) < cfg.cfg_dropout
-        texts = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
-        text, mask = encoder.encode(texts)
-        t = objective.sample_t(len(idx), generator=g)
-        eps = torch.randn(z.shape, generator=g)
         dev = accelerator.device
-        with accelerator.autocast():
-            loss, _ = objective.loss(
-                model, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev)
-            )
-        if not torch.isfinite(loss):
+        step_loss = 0.0
+        for m in range(accum):  # gradient accumulation: micro-batches of this rank's share
+            idx = rank_idx[m * micro : (m + 1) * micro]
+            mean, std = data.mean[idx].float(), data.std[idx].float()
+            z = (mean + std * torch.randn(mean.shape, generator=g)) * scale_factor
+            drop = torch.rand(len(idx), generator=g) < cfg.cfg_dropout
+            texts = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+            text, mask = encoder.encode(texts)
+            t = objective.sample_t(len(idx), generator=g)
+            eps = torch.randn(z.shape, generator=g)
+            with accelerator.autocast():
+                loss, _ = objective.loss(
+                    model, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev)
+                )
+            with accelerator.no_sync(model) if m < accum - 1 else contextlib.nullcontext():
+                accelerator.backward(loss / accum)
+            step_loss += loss.detach().float() / accum
+        all_losses = accelerator.gather(step_loss.reshape(1).to(dev))
+        if not torch.isfinite(all_losses).all():  # every rank stops at the same step
             raise NonFiniteLoss(
-                f"train: loss is {loss.item()} at step {step}; the last good checkpoint is kept in {root / CHECKPOINTS}"
+                f"train: loss is {all_losses.tolist()} at step {step}; the last good checkpoint is kept in "
+                f"{root / CHECKPOINTS}"
             )
-        accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(accelerator.unwrap_model(model))
+        loss = all_losses.mean()
         step += 1
-        seen += len(idx) * world
+        seen += cfg.batch_size
         loss_sum += loss.item()
         if step % cfg.log_every == 0 or step == last_stop:
             dt = time.time() - t0
@@ -280,10 +292,18 @@ def train_denoiser(
             )
         accelerator.wait_for_everyone()
 
+    unwrapped = accelerator.unwrap_model(model)
+    checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"train: the {world} processes ended with different weights: {checksums}")
     result = {
         "step": step,
         "samples": len(data),
-        "parameters": count_parameters(accelerator.unwrap_model(model)),
+        "parameters": count_parameters(unwrapped),
+        "processes": world,
+        "global_batch": micro * accum * world,
+        "rank_checksums": checksums,
     }
     if step >= cfg.steps and accelerator.is_main_process:
         final_model = build_dit(cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim)

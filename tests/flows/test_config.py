@@ -49,7 +49,7 @@ def test_workspace_from_argument_then_environment(monkeypatch, tmp_path):
         (["latents.colour=1"], r"latents\.colour: unknown field; allowed fields: .*resolution"),
         (
             ["recaption.backend=clip"],
-            r"recaption\.backend: Input should be 'vllm', 'transformers' or 'template'",
+            r"recaption\.backend: Input should be 'vllm', 'transformers', 'template' or 'import'",
         ),
         (["download.source=s3://bucket"], r"download\.source: .*allowed: synthetic:shapes, folder:<path>"),
         (["nosuchsection.x=1"], r"nosuchsection: unknown field; allowed fields: download, evaluate"),

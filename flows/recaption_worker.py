@@ -1,0 +1,39 @@
+"""An engine worker process: reads its job (config, artifacts, shard list) as JSON on stdin, loads one
+engine on the GPUs it was given, captions its shards in order, and reports each on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import models  # noqa: F401  (the torchvision shim, before torch is imported)
+from data.store import Artifact
+
+
+def main() -> int:
+    from flows.config import RecaptionConfig
+    from tasks.recaption import caption_shard
+
+    spec = json.loads(sys.stdin.read())
+    cfg = RecaptionConfig.model_validate(spec["cfg"])
+    artifact = Artifact(Path(spec["artifact"][0]), *spec["artifact"][1:])
+    images = Artifact(Path(spec["images"][0]), *spec["images"][1:])
+    shards = spec["shards"]
+    for pos, index in enumerate(shards):
+        started = time.time()
+        nxt = shards[pos + 1] if pos + 1 < len(shards) else None
+        info = caption_shard(cfg, artifact, index, images, next_index=nxt)
+        report = {
+            "index": index,
+            "rows": info.rows,
+            "rejects": info.rejects,
+            "seconds": time.time() - started,
+        }
+        print("T2I-SHARD " + json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
