@@ -10,7 +10,7 @@ from prefect import flow
 from flows.config import PipelineConfig
 from flows.plan import Plan
 from flows.stage_runner import skipped_summary
-from tasks.train import FINAL, train_denoiser
+from tasks.train import FINAL, launch_distributed, train_denoiser
 
 
 def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> float:
@@ -18,6 +18,15 @@ def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> float:
     if cfg.train.scale_factor != "auto":
         return float(cfg.train.scale_factor)
     return 1.0 / plan.latents.read_manifest()["latent_std"]
+
+
+def training_processes(cfg: PipelineConfig) -> int:
+    """DDP processes on this machine: as configured, else one per visible GPU, else 1."""
+    if cfg.train.processes:
+        return cfg.train.processes
+    import torch
+
+    return max(1, torch.cuda.device_count()) if cfg.train.device in ("auto", "cuda") else 1
 
 
 @flow(name="train", description="Train the text-to-image denoiser (resumable).", log_prints=True)
@@ -29,7 +38,9 @@ def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
         return skipped_summary("train", artifact)
     started = time.time()
     scale = resolve_scale_factor(cfg, plan)
-    result = train_denoiser(cfg.train, cfg.text, artifact, latents, captions, plan.num_shards, scale)
+    processes = training_processes(cfg)
+    args = (cfg.train, cfg.text, artifact, latents, captions, plan.num_shards, scale)
+    result = launch_distributed(*args, processes) if processes > 1 else train_denoiser(*args)
     artifact.write_manifest(
         config=artifact.extra["config"],
         inputs=artifact.extra["inputs"],

@@ -1,0 +1,45 @@
+"""One process of a distributed training job (started by torchrun from the train task): reads the job
+spec, runs the same training loop as the in-process path, and the main process writes the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import models  # noqa: F401  (the torchvision shim, before torch is imported)
+from data.store import Artifact, atomic_path
+
+
+def main(spec_path: str) -> int:
+    from flows.config import TextConfig, TrainConfig
+    from tasks.train import train_denoiser
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s"
+    )
+    spec = json.loads(Path(spec_path).read_text())
+
+    def artifact(parts: list[str]) -> Artifact:
+        return Artifact(Path(parts[0]), parts[1], parts[2])
+
+    result = train_denoiser.fn(
+        TrainConfig.model_validate(spec["train"]),
+        TextConfig.model_validate(spec["text"]),
+        artifact(spec["artifact"]),
+        artifact(spec["latents"]),
+        artifact(spec["captions"]),
+        spec["num_shards"],
+        spec["scale_factor"],
+    )
+    if rank == 0:
+        with atomic_path(Path(spec_path).with_name("result.json")) as tmp:
+            tmp.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
