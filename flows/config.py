@@ -221,7 +221,10 @@ class TextConfig(StageConfig):
 
 
 class TrainConfig(StageConfig):
-    model: Literal["dit"] = Field("dit", description="Denoiser architecture (DiT-I).")
+    model: Literal["dit", "cad"] = Field("dit", description="Denoiser: DiT-I, or CAD-I (RIN-style).")
+    objective: Literal["epsilon", "rectified_flow"] = Field(
+        "epsilon", description="epsilon: the paper's ε-prediction, γ(t) = 1 − t; rectified_flow: SD3-style."
+    )
     size: Literal["tiny", "base", "L"] = Field("L", description="Denoiser size preset.")
     steps: int = Field(500_000, ge=1)
     batch_size: int = Field(1024, ge=1, description="Global batch size.")
@@ -234,6 +237,12 @@ class TrainConfig(StageConfig):
     grad_clip: float = Field(2.0, gt=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     cfg_dropout: float = Field(0.1, ge=0, le=1, description="Share of samples trained with the empty text.")
+    cutmix_threshold: float = Field(
+        0.4, ge=0, le=1, description="Composites replace samples only above this t."
+    )
+    cutmix_p: float = Field(0.5, ge=0, le=1, description="Probability of the swap above the threshold.")
+    latent_crop: int | None = Field(None, ge=1, description="Random crops of the latent grid to this size.")
+    self_condition: float = Field(0.9, ge=0, le=1, description="CAD-I: self-conditioning rate (RIN).")
     scale_factor: float | Literal["auto"] = Field(
         0.18215, description="Latent scale (0.18215 for the SD VAE); 'auto' = 1/std measured by latents."
     )
@@ -263,7 +272,9 @@ class EvaluateConfig(StageConfig):
     )
     num_prompts: int = Field(64, ge=1, description="Prompts taken from the set.")
     images_per_prompt: int = Field(1, ge=1, le=64)
-    sampler: Literal["ddim"] = Field("ddim")
+    sampler: Literal["auto", "ddim", "ddpm", "euler"] = Field(
+        "auto", description="auto: DDIM for the ε objective, Euler for rectified flow."
+    )
     steps: int = Field(50, ge=1, le=2000)
     guidance_scale: float = Field(4.0, ge=0)
     batch_size: int = Field(16, ge=1)

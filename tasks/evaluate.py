@@ -17,7 +17,8 @@ from PIL import Image
 from prefect import task
 
 from data.store import Artifact, atomic_path
-from models.diffusion import ddim_sample
+from models.diffusion import ddim_sample, ddpm_sample
+from models.flow_matching import euler_sample
 from models.tiny import resolve_model
 from tasks.model_cache import cached_model, pick_device
 from tasks.shards import Progress, run_logger
@@ -50,6 +51,19 @@ def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         return [PromptItem(i, t) for i, t in enumerate(lines[:num_prompts])]
     raise ValueError(f"unknown prompt set {spec!r}")
+
+
+SAMPLERS = {"epsilon": {"ddim": ddim_sample, "ddpm": ddpm_sample}, "rectified_flow": {"euler": euler_sample}}
+DEFAULT_SAMPLER = {"epsilon": "ddim", "rectified_flow": "euler"}
+
+
+def sample_latents(objective: str, sampler: str, model, shape, text, mask, null_text, null_mask, **kwargs):
+    """Sample with the sampler that matches the objective the model was trained with."""
+    name = DEFAULT_SAMPLER[objective] if sampler == "auto" else sampler
+    if name not in SAMPLERS[objective]:
+        allowed = ", ".join(["auto", *SAMPLERS[objective]])
+        raise ValueError(f"evaluate.sampler: {name!r} does not fit a {objective} model; allowed: {allowed}")
+    return SAMPLERS[objective][name](model, shape, text, mask, null_text, null_mask, **kwargs)
 
 
 def image_grid(images: list[Image.Image], columns: int = 8, cell: int = 128) -> Image.Image:
@@ -102,17 +116,10 @@ def evaluate_checkpoint(
             continue
         text, mask = encoder.encode([p.text for p, _ in batch])
         shape = (len(batch), *meta["latent_shape"])
-        z = ddim_sample(
-            model,
-            shape,
-            text,
-            mask,
-            null_text,
-            null_mask,
-            steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
-            generator=step_generator(cfg.seed, b),
-        )
+        z = sample_latents(
+            meta.get("objective", "epsilon"), cfg.sampler, model, shape, text, mask, null_text, null_mask,
+            steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=step_generator(cfg.seed, b),
+        )  # fmt: skip
         pixels = _decode(vae, z / scale)
         for (p, k), px in zip(batch, pixels, strict=True):
             _save_png(Image.fromarray(px), paths[(p.index, k)])

@@ -22,9 +22,12 @@ import torch
 from prefect import task
 
 from data.store import Artifact, atomic_path
+from models.cad import self_conditioned_forward
+from models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
 from models.diffusion import EpsilonObjective
 from models.dit import DiT, DiTConfig, build_dit, count_parameters
 from models.ema import EMA
+from models.flow_matching import RectifiedFlowObjective
 from models.tiny import resolve_model
 from tasks.latents import SHAPE_META_KEY
 from tasks.model_cache import cached_model, pick_device
@@ -153,11 +156,25 @@ def save_final(root: Path, model: DiT, meta: dict[str, Any]) -> Path:
     return final
 
 
-def load_final(root: Path, device: str = "cpu") -> tuple[DiT, dict[str, Any]]:
+def build_denoiser(architecture: str, size: str, **overrides) -> torch.nn.Module:
+    """DiT-I or CAD-I of a named size."""
+    if architecture == "cad":
+        from models.cad import build_cad
+
+        return build_cad(size, **overrides)
+    return build_dit(size, **overrides)
+
+
+def load_final(root: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
     meta = json.loads((root / FINAL / "config.json").read_text())
-    model = DiT(DiTConfig(**meta["dit"]))
+    if meta.get("architecture") == "cad":
+        from models.cad import CAD, CADConfig
+
+        model = CAD(CADConfig(**meta["model_config"]))
+    else:
+        model = DiT(DiTConfig(**meta["model_config"]))
     model.load_state_dict(load_file(root / FINAL / "model.safetensors"))
     return model.to(device).eval(), meta
 
@@ -175,8 +192,13 @@ def train_denoiser(
     num_shards: int,
     scale_factor: float,
     stop_after: int | None = None,
+    composites: tuple[Artifact, Artifact, int] | None = None,
 ) -> dict[str, Any]:
-    """Train to `cfg.steps` (or stop after step `stop_after`, for tests), resuming from the newest checkpoint."""
+    """Train to `cfg.steps` (or stop after step `stop_after`, for tests), resuming from the newest checkpoint.
+
+    `composites` (latents, captions, shard count) is the CutMix stream: a composite replaces a sample when
+    its t > cutmix_threshold and a coin with probability cutmix_p says so.
+    """
     from accelerate import Accelerator
 
     log = run_logger()
@@ -193,6 +215,8 @@ def train_denoiser(
     micro = per_rank // accum
 
     data = load_train_data(latents, captions, num_shards)
+    if composites is not None:
+        composites = load_train_data(*composites)
     encoder = cached_model(
         "text",
         path=resolve_model(text_cfg.encoder, artifact.workspace),
@@ -202,7 +226,9 @@ def train_denoiser(
     )
     channels, height, width = data.mean.shape[1:]
     torch.manual_seed(cfg.seed)
-    model = build_dit(cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim)
+    model = build_denoiser(
+        cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim
+    )
     ema = EMA(model, decay=cfg.ema_decay)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -219,16 +245,23 @@ def train_denoiser(
         log.info(f"[train] resuming from {ckpts[-1].name} (step {step} of {cfg.steps})")
     else:
         log.info(
-            f"[train] DiT-{cfg.size}: {count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
+            f"[train] {cfg.model}-{cfg.size}: {count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
             f"latents {channels}×{height}×{width}, scale {scale_factor:.5f}"
         )
     model, optimizer = accelerator.prepare(model, optimizer)
-    objective = EpsilonObjective()
+    objective = EpsilonObjective() if cfg.objective == "epsilon" else RectifiedFlowObjective()
     last_stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0, seen, loss_sum = time.time(), 0, 0.0
+    swapped, drawn = 0, 0
 
     while step < last_stop:
         g = step_generator(cfg.seed, step, rank)
+        denoise = model
+        if cfg.model == "cad" and cfg.self_condition > 0:  # RIN self-conditioning on the latent tokens
+
+            def denoise(x, t, text, mask, _g=g):
+                return self_conditioned_forward(model, x, t, text, mask, cfg.self_condition, generator=_g)
+
         rank_idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[
             rank * per_rank : (rank + 1) * per_rank
         ]
@@ -236,16 +269,29 @@ def train_denoiser(
         step_loss = 0.0
         for m in range(accum):  # gradient accumulation: micro-batches of this rank's share
             idx = rank_idx[m * micro : (m + 1) * micro]
+            drawn += len(idx)
             mean, std = data.mean[idx].float(), data.std[idx].float()
-            z = (mean + std * torch.randn(mean.shape, generator=g)) * scale_factor
-            drop = torch.rand(len(idx), generator=g) < cfg.cfg_dropout
-            texts = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
-            text, mask = encoder.encode(texts)
+            captions_b = [data.captions[i] for i in idx.tolist()]
             t = objective.sample_t(len(idx), generator=g)
+            if composites is not None:  # CutMix: latent and caption swapped together, only at t > threshold
+                gate = cutmix_gate(t, g, cfg.cutmix_threshold, cfg.cutmix_p)
+                pick = torch.randint(len(composites), (len(idx),), generator=g)
+                swapped += int(gate.sum())
+                for j in gate.nonzero().flatten().tolist():
+                    c = int(pick[j])
+                    mean[j], std[j] = composites.mean[c].float(), composites.std[c].float()
+                    captions_b[j] = composites.captions[c]
+            z = (mean + std * torch.randn(mean.shape, generator=g)) * scale_factor
+            if cfg.latent_crop:
+                z = random_latent_crop(z, cfg.latent_crop, g)
+            drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
+            text, mask = encoder.encode(
+                ["" if d else c for c, d in zip(captions_b, drop.tolist(), strict=True)]
+            )
             eps = torch.randn(z.shape, generator=g)
             with accelerator.autocast():
                 loss, _ = objective.loss(
-                    model, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev)
+                    denoise, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev)
                 )
             with accelerator.no_sync(model) if m < accum - 1 else contextlib.nullcontext():
                 accelerator.backward(loss / accum)
@@ -304,12 +350,17 @@ def train_denoiser(
         "processes": world,
         "global_batch": micro * accum * world,
         "rank_checksums": checksums,
+        "cutmix_share": swapped / max(drawn, 1),  # of this run's samples (this process)
     }
     if step >= cfg.steps and accelerator.is_main_process:
-        final_model = build_dit(cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim)
+        final_model = build_denoiser(
+            cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim
+        )
         ema.copy_to(final_model)
         meta = {
-            "dit": asdict(final_model.config),
+            "architecture": cfg.model,
+            "model_config": asdict(final_model.config),
+            "objective": cfg.objective,
             "text_encoder": text_cfg.model_dump(mode="json"),
             "scale_factor": scale_factor,
             "latent_shape": [channels, height, width],

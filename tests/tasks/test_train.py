@@ -100,3 +100,52 @@ def test_schedule_and_data_order():
     assert sorted(epoch.tolist()) == list(range(10))  # one epoch visits every sample once
     assert torch.equal(batch_indices(10, 5, 3, seed=0), batch_indices(10, 5, 3, seed=0))
     assert not torch.equal(batch_indices(10, 5, 2, seed=0), batch_indices(10, 5, 0, seed=0))
+
+
+def test_cutmix_stream_replaces_about_thirty_percent(data_workspace, tmp_path):
+    """Any second (latents, captions) artifact serves as the composite stream here."""
+    cfg = load_config("tiny", [*OVERRIDES, "train.steps=12", "train.batch_size=16"], str(data_workspace))
+    plan = Plan(cfg)
+    composites = (plan.latents, plan.captions, plan.num_shards)
+    result = train_denoiser.fn(
+        cfg.train, cfg.text, plan.checkpoints, plan.latents, plan.captions, plan.num_shards,
+        resolve_scale_factor(cfg, plan), composites=composites,
+    )  # fmt: skip
+    assert 0.18 <= result["cutmix_share"] <= 0.42  # 192 draws of a 0.3 rate
+    plain = load_config("tiny", [*OVERRIDES, "train.steps=12", "train.batch_size=16", "train.seed=1"],
+                        str(data_workspace))  # fmt: skip
+    assert _run(plain)["cutmix_share"] == 0.0
+
+
+def test_rectified_flow_with_latent_crops_trains_and_samples(data_workspace):
+    from flows.evaluate import evaluate_flow
+
+    cfg = load_config("tiny", [*OVERRIDES, "train.objective=rectified_flow", "train.latent_crop=8",
+                               "evaluate.num_prompts=4", "evaluate.steps=3"], str(data_workspace))  # fmt: skip
+    train_flow(cfg)
+    assert load_final(Plan(cfg).checkpoints.root)[1]["objective"] == "rectified_flow"
+    metrics = evaluate_flow(cfg)["metrics"]
+    assert metrics["images"] == 4
+    wrong = load_config("tiny", [*OVERRIDES, "train.objective=rectified_flow", "train.latent_crop=8",
+                                 "evaluate.sampler=ddim", "evaluate.num_prompts=4"], str(data_workspace))  # fmt: skip
+    with pytest.raises(ValueError, match="evaluate.sampler: 'ddim' does not fit a rectified_flow model"):
+        evaluate_flow(wrong)
+
+
+def test_cad_with_self_conditioning_trains_resumes_and_samples(data_workspace, tmp_path):
+    from flows.evaluate import evaluate_flow
+
+    overrides = [*OVERRIDES, "train.model=cad", "evaluate.num_prompts=4", "evaluate.steps=3"]
+    other = tmp_path / "other"
+    shutil.copytree(data_workspace, other)
+    straight = load_config("tiny", overrides, str(data_workspace))
+    _run(straight)
+    interrupted = load_config("tiny", overrides, str(other))
+    _run(interrupted, stop_after=3)
+    _run(interrupted)
+    a, b = load_final(Plan(straight).checkpoints.root)[0], load_final(Plan(interrupted).checkpoints.root)[0]
+    assert type(a).__name__ == "CAD"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) <= 1e-6
+    train_flow(straight)
+    assert evaluate_flow(straight)["metrics"]["images"] == 4
