@@ -53,6 +53,7 @@ status: install
 
 bench: install
 	$(BIN)/python tests/benchmarks/bench_recaption.py
+	$(BIN)/python tests/benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache .ruff_cache *.egg-info

@@ -249,7 +249,11 @@ class TrainConfig(StageConfig):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16")
     checkpoint_every: int = Field(5000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    log_every: int = Field(100, ge=1)
+    log_every: int = Field(
+        100, ge=1, description="Log loss, lr, grad norm, samples/s (and TensorBoard) every N steps."
+    )
+    sample_every: int = Field(5000, ge=1, description="Sample a grid with the EMA weights every N steps.")
+    sample_prompts: int = Field(8, ge=0, description="Training captions sampled in each grid (0: no grids).")
     seed: int = Field(0)
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per step (global batch is unchanged).")
     processes: int | None = Field(
@@ -260,7 +264,16 @@ class TrainConfig(StageConfig):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
-        {"checkpoint_every", "keep_checkpoints", "log_every", "device", "grad_accumulation", "processes"}
+        {
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "sample_every",
+            "sample_prompts",
+            "device",
+            "grad_accumulation",
+            "processes",
+        }
     )
 
 

@@ -10,6 +10,7 @@ from prefect import flow
 from flows.config import PipelineConfig
 from flows.plan import Plan
 from flows.stage_runner import skipped_summary
+from models.tiny import resolve_model
 from tasks.train import FINAL, launch_distributed, train_denoiser
 
 
@@ -40,7 +41,11 @@ def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
     scale = resolve_scale_factor(cfg, plan)
     processes = training_processes(cfg)
     args = (cfg.train, cfg.text, artifact, latents, captions, plan.num_shards, scale)
-    result = launch_distributed(*args, processes) if processes > 1 else train_denoiser(*args)
+    vae_path = resolve_model(cfg.latents.vae, cfg.workspace_path)
+    if processes > 1:
+        result = launch_distributed(*args, processes, vae_path=vae_path)
+    else:
+        result = train_denoiser(*args, vae_path=vae_path)
     artifact.write_manifest(
         config=artifact.extra["config"],
         inputs=artifact.extra["inputs"],

@@ -34,6 +34,7 @@ def main(spec_path: str) -> int:
         artifact(spec["captions"]),
         spec["num_shards"],
         spec["scale_factor"],
+        vae_path=spec.get("vae_path"),
     )
     if rank == 0:
         with atomic_path(Path(spec_path).with_name("result.json")) as tmp:

@@ -179,6 +179,56 @@ def load_final(root: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[s
     return model.to(device).eval(), meta
 
 
+class SamplePreview:
+    """Sample grids of fixed training captions with the EMA weights every `sample_every` steps: a PNG under
+    `samples/`, the TensorBoard image, and a Prefect markdown artifact pointing at the file."""
+
+    def __init__(
+        self, root: Path, vae_path: str, prompts: list[str], encoder, latent_shape, scale, cfg, build
+    ):
+        self.root, self.vae_path, self.prompts, self.encoder = root, vae_path, prompts, encoder
+        self.latent_shape, self.scale, self.cfg, self.build = tuple(latent_shape), scale, cfg, build
+
+    def sample(self, ema: EMA, step: int):
+        from PIL import Image
+
+        from models.diffusion import ddim_sample
+        from models.flow_matching import euler_sample
+        from models.vae import decode_latents
+
+        vae = cached_model("vae", path=self.vae_path, device="cpu", dtype="float32", revision=None)
+        model = self.build()
+        ema.copy_to(model)
+        model.eval()
+        text, mask = self.encoder.encode(self.prompts)
+        null_text, null_mask = self.encoder.encode([""])
+        sampler = ddim_sample if self.cfg.objective == "epsilon" else euler_sample
+        z = sampler(
+            model, (len(self.prompts), *self.latent_shape), text.cpu(), mask.cpu(), null_text.cpu(), null_mask.cpu(),
+            steps=20, guidance_scale=3.0, generator=torch.Generator().manual_seed(self.cfg.seed),
+        )  # fmt: skip
+        pixels = decode_latents(vae, z / self.scale)
+        cell = 128
+        grid = Image.new("RGB", (cell * len(pixels), cell))
+        for i, px in enumerate(pixels):
+            grid.paste(Image.fromarray(px).resize((cell, cell), Image.NEAREST), (i * cell, 0))
+        path = self.root / "samples" / f"step-{step:08d}.png"
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        try:
+            from prefect.artifacts import create_markdown_artifact
+
+            lines = [f"Samples at step {step}: `{path}`", ""] + [
+                f"{i + 1}. {p}" for i, p in enumerate(self.prompts)
+            ]
+            create_markdown_artifact(
+                markdown="\n".join(lines), key="train-samples", description="Training samples"
+            )
+        except Exception:  # outside a flow run there is nowhere to publish it
+            pass
+        return grid
+
+
 # --- the loop ---------------------------------------------------------------------------------------------
 
 
@@ -193,6 +243,7 @@ def train_denoiser(
     scale_factor: float,
     stop_after: int | None = None,
     composites: tuple[Artifact, Artifact, int] | None = None,
+    vae_path: str | None = None,
 ) -> dict[str, Any]:
     """Train to `cfg.steps` (or stop after step `stop_after`, for tests), resuming from the newest checkpoint.
 
@@ -252,9 +303,23 @@ def train_denoiser(
     objective = EpsilonObjective() if cfg.objective == "epsilon" else RectifiedFlowObjective()
     last_stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0, seen, loss_sum = time.time(), 0, 0.0
-    swapped, drawn = 0, 0
+    swapped, drawn, logged = 0, 0, 0
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(root / "tensorboard"))
+    preview = (
+        SamplePreview(root, vae_path, data.captions[: cfg.sample_prompts], encoder, data.mean.shape[1:], scale_factor,
+                      cfg, build=lambda: build_denoiser(cfg.model, cfg.size, latent_channels=channels,
+                                                        latent_size=height, text_dim=encoder.dim))
+        if vae_path and cfg.sample_prompts
+        else None
+    )  # fmt: skip
+    timing = {"data": 0.0, "text": 0.0, "total": 0.0}
 
     while step < last_stop:
+        t_step = time.perf_counter()
         g = step_generator(cfg.seed, step, rank)
         denoise = model
         if cfg.model == "cad" and cfg.self_condition > 0:  # RIN self-conditioning on the latent tokens
@@ -268,6 +333,7 @@ def train_denoiser(
         dev = accelerator.device
         step_loss = 0.0
         for m in range(accum):  # gradient accumulation: micro-batches of this rank's share
+            t_data = time.perf_counter()
             idx = rank_idx[m * micro : (m + 1) * micro]
             drawn += len(idx)
             mean, std = data.mean[idx].float(), data.std[idx].float()
@@ -285,10 +351,13 @@ def train_denoiser(
             if cfg.latent_crop:
                 z = random_latent_crop(z, cfg.latent_crop, g)
             drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
+            t_text = time.perf_counter()
+            timing["data"] += t_text - t_data
             text, mask = encoder.encode(
                 ["" if d else c for c, d in zip(captions_b, drop.tolist(), strict=True)]
             )
             eps = torch.randn(z.shape, generator=g)
+            timing["text"] += time.perf_counter() - t_text
             with accelerator.autocast():
                 loss, _ = objective.loss(
                     denoise, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev)
@@ -309,15 +378,34 @@ def train_denoiser(
         ema.update(accelerator.unwrap_model(model))
         loss = all_losses.mean()
         step += 1
+        timing["total"] += time.perf_counter() - t_step
         seen += cfg.batch_size
         loss_sum += loss.item()
+        logged += 1
         if step % cfg.log_every == 0 or step == last_stop:
             dt = time.time() - t0
+            stats = {
+                "loss": loss_sum / logged,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples_per_second": seen / max(dt, 1e-9),
+            }
             log.info(
-                f"[train] step {step}/{cfg.steps} loss {loss_sum / max(1, step % cfg.log_every or cfg.log_every):.4f} "
-                f"lr {scheduler.get_last_lr()[0]:.2e} grad-norm {float(grad_norm):.3f} {seen / max(dt, 1e-9):.1f} samples/s"
+                f"[train] step {step}/{cfg.steps} loss {stats['loss']:.4f} lr {stats['lr']:.2e} "
+                f"grad-norm {stats['grad_norm']:.3f} {stats['samples_per_second']:.1f} samples/s"
             )
-            t0, seen, loss_sum = time.time(), 0, 0.0
+            if writer is not None:
+                for name, value in stats.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+            t0, seen, loss_sum, logged = time.time(), 0, 0.0, 0
+        if (
+            preview is not None
+            and accelerator.is_main_process
+            and (step % cfg.sample_every == 0 or step == cfg.steps)
+        ):
+            grid = preview.sample(ema, step)
+            if writer is not None:
+                writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
         if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == last_stop):
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise NonFiniteLoss(
@@ -338,6 +426,8 @@ def train_denoiser(
             )
         accelerator.wait_for_everyone()
 
+    if writer is not None:
+        writer.close()
     unwrapped = accelerator.unwrap_model(model)
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
     checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
@@ -351,6 +441,9 @@ def train_denoiser(
         "global_batch": micro * accum * world,
         "rank_checksums": checksums,
         "cutmix_share": swapped / max(drawn, 1),  # of this run's samples (this process)
+        "timing": {
+            k: round(v, 4) for k, v in timing.items()
+        },  # seconds: batch assembly, text encoding, steps
     }
     if step >= cfg.steps and accelerator.is_main_process:
         final_model = build_denoiser(
@@ -381,6 +474,7 @@ def launch_distributed(
     num_shards: int,
     scale_factor: float,
     processes: int,
+    vae_path: str | None = None,
 ) -> dict[str, Any]:
     """Run the same training loop as `processes` DDP processes (torchrun, gloo on CPU / NCCL on GPU).
 
@@ -399,6 +493,7 @@ def launch_distributed(
         "captions": [str(captions.workspace), captions.stage, captions.fingerprint],
         "num_shards": num_shards,
         "scale_factor": scale_factor,
+        "vae_path": vae_path,
     }
     spec_path = artifact.write_json("launch.json", spec)
     result_path = artifact.root / "result.json"

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from flows.config import load_config
 from flows.download import download_flow
@@ -76,6 +77,11 @@ def test_train_flow_writes_manifest_and_final_weights(data_workspace):
     assert manifest["scale_factor"] == pytest.approx(1 / Plan(cfg).latents.read_manifest()["latent_std"])
     model, meta = load_final(Plan(cfg).checkpoints.root)
     assert meta["latent_shape"] == [4, 16, 16] and meta["text_encoder"]["encoder"] == "tiny:t5"
+    root = Plan(cfg).checkpoints.root
+    assert list((root / "tensorboard").glob("events.out.tfevents.*"))
+    grids = sorted((root / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-00000006.png"]
+    assert Image.open(grids[0]).size == (128 * 8, 128)
     assert train_flow(cfg)["skipped"] is True
 
 
