@@ -15,11 +15,12 @@ import time
 
 from flows.config import ConfigError, PipelineConfig, available_presets, load_config
 
-STAGE_COMMANDS = ("download", "recaption", "latents", "train", "evaluate")
+STAGE_COMMANDS = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
 UPSTREAM = {
     "download": (),
-    "recaption": ("download",),
-    "latents": ("download",),
+    "cutmix": ("download",),
+    "recaption": ("download", "cutmix"),
+    "latents": ("download", "cutmix"),
     "train": ("latents", "recaption"),
     "evaluate": ("train",),
 }
@@ -85,6 +86,8 @@ def _check_inputs(cfg: PipelineConfig, stage: str) -> None:
 
     plan = Plan(cfg)
     for upstream in UPSTREAM[stage]:
+        if upstream == "cutmix" and plan.composites is None:
+            continue
         plan.require(upstream)
 
 

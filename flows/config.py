@@ -192,6 +192,38 @@ class RecaptionConfig(StageConfig):
         return self
 
 
+class CutmixConfig(StageConfig):
+    enabled: bool = Field(
+        True, description="Make CutMix composites (recaptioned and encoded like any image)."
+    )
+    multiplier: int = Field(1, ge=1, le=16, description="Composites per base image.")
+    layout_weights: dict[str, float] | None = Field(
+        None,
+        description="Relative weights of the layouts half, quarter, ninth, sixteenth (default: uniform).",
+    )
+    resolution: int = Field(256, ge=16, le=4096, description="Side of the square composites.")
+    partner_shards: int = Field(4, ge=1, description="Other shards a shard draws its pasted images from.")
+    seed: int = Field(0)
+    workers: int = Field(2, ge=1, le=256, description="Parallel shard workers (threads).")
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers"})
+
+    @field_validator("layout_weights")
+    @classmethod
+    def _known_layouts(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        allowed = ("half", "quarter", "ninth", "sixteenth")
+        for name, weight in v.items():
+            if name not in allowed:
+                raise ValueError(f"unknown layout {name!r}; allowed: {', '.join(allowed)}")
+            if weight < 0:
+                raise ValueError(f"layout weight of {name!r} must be >= 0")
+        if not sum(v.values()) > 0:
+            raise ValueError("layout weights must not all be 0")
+        return v
+
+
 class LatentsConfig(StageConfig):
     vae: str = Field(
         "stabilityai/sd-vae-ft-ema", description="diffusers AutoencoderKL: Hub id, local path or 'tiny:vae'."
@@ -280,8 +312,9 @@ class TrainConfig(StageConfig):
 class EvaluateConfig(StageConfig):
     prompts: str = Field(
         "shapes:val",
-        description="Prompt set: 'shapes:<split>' (shapes world, scored from pixels) or 'file:<path>' "
-        "(one prompt per line).",
+        description="Prompt set: 'shapes:<split>' (shapes world, scored from pixels), 'file:<path>' (one prompt "
+        "per line), 'geneval:<evaluation_metadata.jsonl>' or 'dpg:<prompts folder>' (written in the layouts "
+        "the official scorers read).",
     )
     num_prompts: int = Field(64, ge=1, description="Prompts taken from the set.")
     images_per_prompt: int = Field(1, ge=1, le=64)
@@ -301,9 +334,12 @@ class EvaluateConfig(StageConfig):
     @classmethod
     def _known_prompts(cls, v: str) -> str:
         kind, _, rest = v.partition(":")
-        if kind in ("shapes", "file") and rest:
+        if kind in ("shapes", "file", "geneval", "dpg") and rest:
             return v
-        raise ValueError(f"unknown prompt set {v!r}; allowed: 'shapes:<split>', 'file:<path>'")
+        raise ValueError(
+            f"unknown prompt set {v!r}; allowed: 'shapes:<split>', 'file:<path>', "
+            "'geneval:<evaluation_metadata.jsonl>', 'dpg:<prompts folder>'"
+        )
 
 
 class PipelineConfig(BaseModel):
@@ -314,6 +350,7 @@ class PipelineConfig(BaseModel):
     preset: str = Field("custom", description="Name of the preset this config came from (informational).")
     workspace: str = Field(DEFAULT_WORKSPACE, description="Root folder of all artifacts.")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    cutmix: CutmixConfig = Field(default_factory=CutmixConfig)
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
     text: TextConfig = Field(default_factory=TextConfig)

@@ -12,16 +12,24 @@ from flows.stage_runner import run_sharded_stage
 from tasks.latents import latent_statistics, latents_shard
 
 
-@flow(name="latents", description="Encode images with the VAE into Parquet shards.", log_prints=True)
+@flow(
+    name="latents",
+    description="Encode images (and composites) with the VAE into Parquet shards.",
+    log_prints=True,
+)
 def latents_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
-    images = plan.require("download")
-    artifact = plan.latents
-    runner = latents_shard.with_options(task_run_name="latents-{index}")
-    return run_sharded_stage(
-        "latents",
-        artifact,
-        plan.num_shards,
-        lambda i: runner(cfg=cfg.latents, artifact=artifact, index=i, images=images),
-        extra=lambda: {"vae": cfg.latents.vae, **latent_statistics(artifact, plan.num_shards)},
-    )
+    summaries = {}
+    for name, images in plan.image_sets():
+        images = plan.require(name, images)
+        artifact = plan.latents_of(images)
+        label = "latents" if name == "download" else "latents-composites"
+        runner = latents_shard.with_options(task_run_name=f"{label}-{{index}}")
+        summaries[name] = run_sharded_stage(
+            label,
+            artifact,
+            plan.num_shards,
+            lambda i, a=artifact, im=images, r=runner: r(cfg=cfg.latents, artifact=a, index=i, images=im),
+            extra=lambda a=artifact: {"vae": cfg.latents.vae, **latent_statistics(a, plan.num_shards)},
+        )
+    return {**summaries["download"], "composites": summaries.get("cutmix")}

@@ -1,6 +1,6 @@
 """The whole pipeline as one flow: each stage is a subflow, skipped when its artifact is complete.
 
-download → recaption → latents → train → evaluate (CutMix composites slot in after download).
+download → cutmix → recaption (images and composites) → latents (both) → train → evaluate.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 
 from flows.config import PipelineConfig
+from flows.cutmix import cutmix_flow
 from flows.download import download_flow
 from flows.evaluate import evaluate_flow
 from flows.latents import latents_flow
@@ -18,6 +19,7 @@ from flows.train import train_flow
 
 STAGE_FLOWS = {
     "download": download_flow,
+    "cutmix": cutmix_flow,
     "recaption": recaption_flow,
     "latents": latents_flow,
     "train": train_flow,

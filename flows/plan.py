@@ -12,13 +12,14 @@ from data.caption_sets import source_identity
 from data.sources import Source, open_source
 from data.store import Artifact, fingerprint
 from flows.config import PipelineConfig
+from tasks import cutmix as cutmix_task
 from tasks import download as download_task
 from tasks import evaluate as evaluate_task
 from tasks import latents as latents_task
 from tasks import recaption as recaption_task
 from tasks import train as train_task
 
-STAGES = ("download", "recaption", "latents", "train", "evaluate")
+STAGES = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
 
 
 class MissingInput(RuntimeError):
@@ -51,21 +52,46 @@ class Plan:
         return download_task.num_shards(len(self.source), self.cfg.download.shard_size)
 
     @functools.cached_property
-    def captions(self) -> Artifact:
+    def composites(self) -> Artifact | None:
+        """CutMix composites of the images (an images artifact of their own), or None when disabled."""
+        if not self.cfg.cutmix.enabled:
+            return None
+        cfg = self.cfg.cutmix.fingerprint_fields()
+        cfg.pop("enabled")
+        return self._artifact("cutmix", cutmix_task.VERSION, cfg, {"images": self.images.fingerprint})
+
+    def captions_of(self, images: Artifact) -> Artifact:
         cfg = self.cfg.recaption.fingerprint_fields()
         if self.cfg.recaption.backend == "import":
             cfg["source_identity"] = source_identity(str(self.cfg.recaption.captions_source))
-        return self._artifact("recaption", recaption_task.VERSION, cfg, {"images": self.images.fingerprint})
+        return self._artifact("recaption", recaption_task.VERSION, cfg, {"images": images.fingerprint})
+
+    def latents_of(self, images: Artifact) -> Artifact:
+        cfg = self.cfg.latents.fingerprint_fields()
+        return self._artifact("latents", latents_task.VERSION, cfg, {"images": images.fingerprint})
+
+    @functools.cached_property
+    def captions(self) -> Artifact:
+        return self.captions_of(self.images)
 
     @functools.cached_property
     def latents(self) -> Artifact:
-        cfg = self.cfg.latents.fingerprint_fields()
-        return self._artifact("latents", latents_task.VERSION, cfg, {"images": self.images.fingerprint})
+        return self.latents_of(self.images)
+
+    def image_sets(self) -> list[tuple[str, Artifact]]:
+        """The image artifacts that recaption and latents process: the images, then the composites."""
+        sets = [("download", self.images)]
+        if self.composites is not None:
+            sets.append(("cutmix", self.composites))
+        return sets
 
     @functools.cached_property
     def checkpoints(self) -> Artifact:
         cfg = {"train": self.cfg.train.fingerprint_fields(), "text": self.cfg.text.fingerprint_fields()}
         inputs = {"latents": self.latents.fingerprint, "captions": self.captions.fingerprint}
+        if self.composites is not None:
+            inputs["composite_latents"] = self.latents_of(self.composites).fingerprint
+            inputs["composite_captions"] = self.captions_of(self.composites).fingerprint
         return self._artifact("train", train_task.VERSION, cfg, inputs)
 
     @functools.cached_property
@@ -73,18 +99,34 @@ class Plan:
         cfg = self.cfg.evaluate.fingerprint_fields()
         return self._artifact("evaluate", evaluate_task.VERSION, cfg, {"train": self.checkpoints.fingerprint})
 
+    def artifacts(self) -> list[tuple[str, str, Artifact]]:
+        """(label, stage command, artifact) for every output this config implies, in pipeline order."""
+        out = [("download", "download", self.images)]
+        if self.composites is not None:
+            out.append(("cutmix", "cutmix", self.composites))
+        for name, images in self.image_sets():
+            suffix = " (composites)" if name == "cutmix" else ""
+            out.append((f"recaption{suffix}", "recaption", self.captions_of(images)))
+        for name, images in self.image_sets():
+            suffix = " (composites)" if name == "cutmix" else ""
+            out.append((f"latents{suffix}", "latents", self.latents_of(images)))
+        out += [("train", "train", self.checkpoints), ("evaluate", "evaluate", self.evaluation)]
+        return out
+
     def artifact(self, stage: str) -> Artifact:
         return {
             "download": lambda: self.images,
+            "cutmix": lambda: self.composites,
             "recaption": lambda: self.captions,
             "latents": lambda: self.latents,
             "train": lambda: self.checkpoints,
             "evaluate": lambda: self.evaluation,
         }[stage]()
 
-    def require(self, stage: str) -> Artifact:
-        """The artifact of `stage`, which must be complete; otherwise say which command makes it."""
-        art = self.artifact(stage)
+    def require(self, stage: str, art: Artifact | None = None) -> Artifact:
+        """The artifact of `stage` (or the given one), which must be complete; otherwise say which command
+        makes it."""
+        art = art or self.artifact(stage)
         if not art.is_complete():
             preset = self.cfg.preset
             raise MissingInput(

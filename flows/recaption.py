@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow
 
+from data.store import Artifact
 from flows.config import PipelineConfig
 from flows.plan import Plan
 from flows.stage_runner import StageRun, skipped_summary
@@ -23,18 +24,28 @@ from tasks.recaption import (
 from tasks.shards import run_logger
 
 
-@flow(name="recaption", description="Caption every image with a VLM into Parquet shards.", log_prints=True)
+@flow(
+    name="recaption",
+    description="Caption every image (and composite) with a VLM into Parquet shards.",
+    log_prints=True,
+)
 def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
-    images = plan.require("download")
-    artifact = plan.captions
+    summaries = {name: caption_image_set(cfg, plan, name, images) for name, images in plan.image_sets()}
+    return {**summaries["download"], "composites": summaries.get("cutmix")}
+
+
+def caption_image_set(cfg: PipelineConfig, plan: Plan, name: str, images: Artifact) -> dict[str, Any]:
+    images = plan.require(name, images)
+    artifact = plan.captions_of(images)
+    label = "recaption" if name == "download" else "recaption-composites"
     if artifact.is_complete():
-        return skipped_summary("recaption", artifact)
+        return skipped_summary(label, artifact)
     rc = cfg.recaption
-    run = StageRun("recaption", artifact, plan.num_shards, part_shards(plan.num_shards, rc.part_index))
+    run = StageRun(label, artifact, plan.num_shards, part_shards(plan.num_shards, rc.part_index))
     groups = engine_groups(rc)
     if len(groups) == 1:
-        runner = recaption_shard.with_options(task_run_name="recaption-{index}")
+        runner = recaption_shard.with_options(task_run_name=f"{label}-{{index}}")
         for pos, index in enumerate(run.todo):
             t0 = time.time()
             nxt = run.todo[pos + 1] if pos + 1 < len(run.todo) else None
@@ -43,9 +54,9 @@ def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
                 time.time() - t0,
             )
     elif run.todo:
-        run_logger().info(f"[recaption] {len(groups)} engines: {groups}")
+        run_logger().info(f"[{label}] {len(groups)} engines: {groups}")
         futures = [
-            run_worker.with_options(task_run_name=f"recaption-worker-{w}").submit(
+            run_worker.with_options(task_run_name=f"{label}-worker-{w}").submit(
                 rc, artifact, images, run.todo[w :: len(groups)], gpus, w
             )
             for w, gpus in enumerate(groups)
@@ -60,7 +71,7 @@ def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
 
             create_markdown_artifact(
                 markdown=summary_markdown({**manifest, "path": str(artifact.root)}),
-                key="recaption-summary",
+                key=f"{label}-summary",
                 description="Recaption summary",
             )
         except Exception:  # outside a flow run there is nowhere to publish it

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flows.config import PipelineConfig
-from flows.plan import STAGES, Plan
+from flows.plan import Plan
 from tasks.train import checkpoint_dirs
 
 
@@ -20,8 +20,7 @@ class StageStatus:
 def stage_statuses(cfg: PipelineConfig) -> list[StageStatus]:
     plan = Plan(cfg)
     out = []
-    for stage in STAGES:
-        art = plan.artifact(stage)
+    for label, stage, art in plan.artifacts():
         if art.is_complete():
             m = art.read_manifest()
             detail = (
@@ -29,22 +28,22 @@ def stage_statuses(cfg: PipelineConfig) -> list[StageStatus]:
             )
             if stage == "train":
                 detail = f"{m.get('step')} steps"
-            out.append(StageStatus(stage, "complete", detail, str(art.root)))
-            continue
-        if stage in ("download", "recaption", "latents"):
+            out.append(StageStatus(label, "complete", detail, str(art.root)))
+        elif stage in ("download", "cutmix", "recaption", "latents"):
             n = plan.num_shards
             k = len(art.done_shards(n)) if art.root.is_dir() else 0
             out.append(
-                StageStatus(stage, "partial" if k else "not started", f"{k} of {n} shards", str(art.root))
+                StageStatus(label, "partial" if k else "not started", f"{k} of {n} shards", str(art.root))
             )
         elif stage == "train":
             ckpts = checkpoint_dirs(art.root)
             last = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
             detail = f"{last} of {cfg.train.steps} steps"
-            out.append(StageStatus(stage, "partial" if ckpts else "not started", detail, str(art.root)))
+            out.append(StageStatus(label, "partial" if ckpts else "not started", detail, str(art.root)))
         else:
-            started = art.root.is_dir()
-            out.append(StageStatus(stage, "partial" if started else "not started", "", str(art.root)))
+            out.append(
+                StageStatus(label, "partial" if art.root.is_dir() else "not started", "", str(art.root))
+            )
     return out
 
 

@@ -42,10 +42,17 @@ def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
     processes = training_processes(cfg)
     args = (cfg.train, cfg.text, artifact, latents, captions, plan.num_shards, scale)
     vae_path = resolve_model(cfg.latents.vae, cfg.workspace_path)
+    composites = None
+    if plan.composites is not None:
+        composites = (
+            plan.require("latents", plan.latents_of(plan.composites)),
+            plan.require("recaption", plan.captions_of(plan.composites)),
+            plan.num_shards,
+        )
     if processes > 1:
-        result = launch_distributed(*args, processes, vae_path=vae_path)
+        result = launch_distributed(*args, processes, vae_path=vae_path, composites=composites)
     else:
-        result = train_denoiser(*args, vae_path=vae_path)
+        result = train_denoiser(*args, vae_path=vae_path, composites=composites)
     artifact.write_manifest(
         config=artifact.extra["config"],
         inputs=artifact.extra["inputs"],

@@ -35,6 +35,9 @@ def main(spec_path: str) -> int:
         spec["num_shards"],
         spec["scale_factor"],
         vae_path=spec.get("vae_path"),
+        composites=(artifact(comp[0]), artifact(comp[1]), comp[2])
+        if (comp := spec.get("composites"))
+        else None,
     )
     if rank == 0:
         with atomic_path(Path(spec_path).with_name("result.json")) as tmp:

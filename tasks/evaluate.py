@@ -6,6 +6,7 @@ so a rerun redoes only the batches whose images are missing.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class PromptItem:
     index: int
     text: str
     scene: Any = None  # a data.shapes.Scene when the prompt comes from the shapes world
+    meta: str | None = None  # GenEval: the prompt's metadata line, verbatim; DPG-Bench: the prompt id
 
 
 def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]:
@@ -50,7 +52,60 @@ def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]
             raise FileNotFoundError(f"evaluate.prompts: {path} does not exist")
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         return [PromptItem(i, t) for i, t in enumerate(lines[:num_prompts])]
+    if kind == "geneval":  # evaluation_metadata.jsonl: one JSON object per prompt
+        path = Path(rest).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"evaluate.prompts: {path} does not exist (GenEval's evaluation_metadata.jsonl)"
+            )
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        return [PromptItem(i, json.loads(ln)["prompt"], meta=ln) for i, ln in enumerate(lines[:num_prompts])]
+    if kind == "dpg":  # a folder of <id>.txt prompt files
+        folder = Path(rest).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"evaluate.prompts: {folder} does not exist (DPG-Bench's prompts folder)")
+        files = sorted(
+            folder.glob("*.txt"),
+            key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit() else 0, f.stem),
+        )
+        return [PromptItem(i, f.read_text().strip(), meta=f.stem) for i, f in enumerate(files[:num_prompts])]
     raise ValueError(f"unknown prompt set {spec!r}")
+
+
+def write_benchmark_layout(
+    kind: str, root: Path, prompts: list[PromptItem], paths: dict, per_prompt: int
+) -> Path | None:
+    """The folder layouts the official scorers read unchanged.
+
+    GenEval: `geneval/<index:05d>/metadata.jsonl` (the prompt's line) and `samples/<n:04d>.png`.
+    DPG-Bench: `dpg_bench/<id>.png`, a 2×2 grid of four samples per prompt.
+    """
+    if kind == "geneval":
+        out = root / "geneval"
+        for p in prompts:
+            folder = out / f"{p.index:05d}"
+            with atomic_path(folder / "metadata.jsonl") as tmp:
+                tmp.write_text(p.meta + "\n")
+            for k in range(per_prompt):
+                target = folder / "samples" / f"{k:04d}.png"
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(target) as tmp:
+                        tmp.write_bytes(paths[(p.index, k)].read_bytes())
+        return out
+    if kind == "dpg":
+        if per_prompt != 4:
+            raise ValueError("evaluate.images_per_prompt must be 4 for DPG-Bench (a 2×2 grid per prompt)")
+        out = root / "dpg_bench"
+        for p in prompts:
+            tiles = [Image.open(paths[(p.index, k)]).convert("RGB") for k in range(4)]
+            w, h = tiles[0].size
+            grid = Image.new("RGB", (2 * w, 2 * h))
+            for k, tile in enumerate(tiles):
+                grid.paste(tile, ((k % 2) * w, (k // 2) * h))
+            _save_png(grid, out / f"{p.meta}.png")
+        return out
+    return None
 
 
 SAMPLERS = {"epsilon": {"ddim": ddim_sample, "ddpm": ddpm_sample}, "rectified_flow": {"euler": euler_sample}}
@@ -128,6 +183,11 @@ def evaluate_checkpoint(
     images = [Image.open(paths[(p.index, k)]).convert("RGB") for p, k in jobs]
     _save_png(image_grid(images[:64]), artifact.root / "grid.png")
     metrics: dict[str, Any] = {"prompts": len(prompts), "images": len(images), "prompt_set": cfg.prompts}
+    layout = write_benchmark_layout(
+        cfg.prompts.partition(":")[0], artifact.root, prompts, paths, cfg.images_per_prompt
+    )
+    if layout is not None:
+        metrics["benchmark_folder"] = str(layout)
     if all(p.scene is not None for p in prompts):
         metrics["shapes"] = shapes_metrics(images, [p.scene for p, _ in jobs])
     artifact.write_json("metrics.json", metrics)

@@ -475,6 +475,7 @@ def launch_distributed(
     scale_factor: float,
     processes: int,
     vae_path: str | None = None,
+    composites: tuple[Artifact, Artifact, int] | None = None,
 ) -> dict[str, Any]:
     """Run the same training loop as `processes` DDP processes (torchrun, gloo on CPU / NCCL on GPU).
 
@@ -494,6 +495,9 @@ def launch_distributed(
         "num_shards": num_shards,
         "scale_factor": scale_factor,
         "vae_path": vae_path,
+        "composites": [[str(a.workspace), a.stage, a.fingerprint] for a in composites[:2]] + [composites[2]]
+        if composites
+        else None,
     }
     spec_path = artifact.write_json("launch.json", spec)
     result_path = artifact.root / "result.json"

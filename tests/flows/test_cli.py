@@ -43,10 +43,15 @@ def pipeline_ws(tmp_path_factory, tiny_models, prefect_server):
 def test_run_executes_every_stage_and_prints_where_outputs_are(pipeline_ws):
     ws, proc = pipeline_ws
     plan = Plan(load_config("tiny", overrides(SMALL), str(ws)))
-    for stage in ("download", "recaption", "latents", "train", "evaluate"):
-        art = plan.artifact(stage)
-        assert art.is_complete(), stage
-        assert f"{stage}" in proc.stdout and str(art.root) in proc.stdout
+    for label, _, art in plan.artifacts():
+        assert art.is_complete(), label
+        assert label in proc.stdout and str(art.root) in proc.stdout
+    assert [label for label, _, _ in plan.artifacts()] == [
+        "download", "cutmix", "recaption", "recaption (composites)", "latents", "latents (composites)", "train",
+        "evaluate",
+    ]  # fmt: skip
+    assert plan.composites.read_manifest()["rows"] == 192
+    assert plan.checkpoints.read_manifest()["cutmix_share"] > 0
     assert len(plan.images.read_manifest()["shards"]) == 4
     for name in ("report.md", "metrics.json", "grid.png"):
         assert (plan.evaluation.root / name).is_file()
@@ -62,9 +67,10 @@ def test_second_run_skips_every_stage_and_rewrites_nothing(pipeline_ws, cli_env)
         if p.is_file() and "models" not in p.parts
     }
     proc = run_cli(["run", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
-    assert proc.stdout.count("complete (") == 5
+    assert proc.stdout.count("complete (") == 8
     log = proc.stdout + proc.stderr
-    for stage in ("download", "recaption", "latents", "train", "evaluate"):
+    for stage in ("download", "cutmix", "recaption", "recaption-composites", "latents", "latents-composites", "train",
+                  "evaluate"):  # fmt: skip
         assert f"[{stage}] already complete" in log
     after = {
         p: (p.stat().st_mtime_ns, p.stat().st_size)
@@ -78,7 +84,9 @@ def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
     ws, _ = pipeline_ws
     proc = run_cli(["status", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
     lines = proc.stdout.strip().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["download", "recaption", "latents", "train", "evaluate"]
+    assert [ln.split()[0] for ln in lines] == [
+        "download", "cutmix", "recaption", "recaption", "latents", "latents", "train", "evaluate",
+    ]  # fmt: skip
     assert all(" complete " in ln for ln in lines)
     fresh = run_cli(["status", "--preset", "tiny", "--workspace", str(tmp_path / "empty"), *SMALL], cli_env)
     assert "not started (0 of 4 shards)" in fresh.stdout and "not started (0 of 20 steps)" in fresh.stdout
@@ -139,6 +147,7 @@ def test_sigkill_mid_stage_then_rerun_keeps_finished_shards_and_matches(
     ref_plan = Plan(load_config("tiny", overrides(SMALL), str(ref_ws)))
     shutil.copytree(ref_ws / "models", ws / "models")
     shutil.copytree(ref_plan.images.root, ws / "download" / ref_plan.images.fingerprint)
+    shutil.copytree(ref_plan.composites.root, ws / "cutmix" / ref_plan.composites.fingerprint)
     plan = Plan(load_config("tiny", overrides(SMALL), str(ws)))
     artifact, reference = plan.artifact(stage), ref_plan.artifact(stage)
     assert artifact.fingerprint == reference.fingerprint

@@ -52,7 +52,7 @@ def test_workspace_from_argument_then_environment(monkeypatch, tmp_path):
             r"recaption\.backend: Input should be 'vllm', 'transformers', 'template' or 'import'",
         ),
         (["download.source=s3://bucket"], r"download\.source: .*allowed: synthetic:shapes, folder:<path>"),
-        (["nosuchsection.x=1"], r"nosuchsection: unknown field; allowed fields: download, evaluate"),
+        (["nosuchsection.x=1"], r"nosuchsection: unknown field; allowed fields: cutmix, download, evaluate"),
         (["train.steps"], r"expected section\.field=value"),
     ],
 )

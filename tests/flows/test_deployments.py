@@ -15,6 +15,7 @@ from flows.plan import Plan
 from tests.conftest import T2I
 
 PREFECT = str(Path(T2I).with_name("prefect"))
+FLOWS = ["cutmix", "download", "evaluate", "latents", "pipeline", "recaption", "train"]
 
 
 def _api(url: str, path: str, body: dict | None = None):
@@ -31,21 +32,23 @@ def served(prefect_server, cli_env, workspace):
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     url = prefect_server["url"]
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        names = {d["name"] for d in _api(url, "/deployments/filter", {})}
-        if names == {"ci"} and len(_api(url, "/deployments/filter", {})) == 6:
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(1)
-    else:
-        pytest.fail("t2i serve did not register its deployments in 120 s")
-    yield url
-    os.killpg(proc.pid, signal.SIGINT)  # stop serving before the server goes away
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            deployments = _api(url, "/deployments/filter", {})
+            if {d["name"] for d in deployments} == {"ci"} and len(deployments) == len(FLOWS):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("t2i serve did not register its deployments in 120 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # stop serving before the server goes away
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_served_flows_have_a_config_form_and_a_triggered_run_executes(served, cli_env, workspace):
@@ -53,7 +56,7 @@ def test_served_flows_have_a_config_form_and_a_triggered_run_executes(served, cl
     deployments = {d["name"]: d for d in _api(url, "/deployments/filter", {})}
     flows = {f["id"]: f["name"] for f in _api(url, "/flows/filter", {})}
     deployed = sorted(flows[d["flow_id"]] for d in _api(url, "/deployments/filter", {}))
-    assert deployed == ["download", "evaluate", "latents", "pipeline", "recaption", "train"]
+    assert deployed == FLOWS
     schema = deployments["ci"]["parameter_openapi_schema"]
     assert "cfg" in schema["properties"] and "definitions" in schema
     assert {"download", "recaption", "latents", "train", "evaluate"} <= set(

@@ -49,7 +49,9 @@ def test_folder_source_keeps_every_decodable_image_and_rejects_the_rest(
     prefect_harness, workspace, messy_folder
 ):
     cfg = load_config(
-        "tiny", [f"download.source=folder:{messy_folder}", "download.shard_size=3"], str(workspace)
+        "tiny",
+        ["cutmix.enabled=false", f"download.source=folder:{messy_folder}", "download.shard_size=3"],
+        str(workspace),
     )
     summary = download_flow(cfg)
     art = Plan(cfg).images
@@ -80,7 +82,9 @@ def test_folder_source_keeps_every_decodable_image_and_rejects_the_rest(
 
 def test_rerun_of_a_complete_stage_skips_and_changes_nothing(prefect_harness, workspace, messy_folder):
     cfg = load_config(
-        "tiny", [f"download.source=folder:{messy_folder}", "download.shard_size=4"], str(workspace)
+        "tiny",
+        ["cutmix.enabled=false", f"download.source=folder:{messy_folder}", "download.shard_size=4"],
+        str(workspace),
     )
     download_flow(cfg)
     art = Plan(cfg).images
@@ -94,7 +98,7 @@ def test_flat_folder_has_no_labels(prefect_harness, workspace, tmp_path):
     flat.mkdir()
     for i in range(3):
         Image.new("RGB", (20, 20), (i * 80, 0, 0)).save(flat / f"{i}.png")
-    cfg = load_config("tiny", [f"download.source=folder:{flat}"], str(workspace))
+    cfg = load_config("tiny", ["cutmix.enabled=false", f"download.source=folder:{flat}"], str(workspace))
     download_flow(cfg)
     rows = Plan(cfg).images.read_shard(0).to_pylist()
     assert [r["key"] for r in rows] == ["0.png", "1.png", "2.png"]
@@ -111,7 +115,9 @@ def test_hf_dataset_saved_locally(prefect_harness, workspace, tmp_path):
     ds = datasets.Dataset.from_dict({"image": images, "label": [1, 0]}, features=features)
     ds.save_to_disk(str(tmp_path / "saved"))
     cfg = load_config(
-        "tiny", [f"download.source=hf:{tmp_path / 'saved'}", "download.max_images=null"], str(workspace)
+        "tiny",
+        ["cutmix.enabled=false", f"download.source=hf:{tmp_path / 'saved'}", "download.max_images=null"],
+        str(workspace),
     )
     download_flow(cfg)
     rows = Plan(cfg).images.read_shard(0).to_pylist()
@@ -120,7 +126,9 @@ def test_hf_dataset_saved_locally(prefect_harness, workspace, tmp_path):
 
 
 def test_synthetic_source_is_deterministic_with_ground_truth(prefect_harness, workspace):
-    cfg = load_config("tiny", ["download.max_images=20", "download.shard_size=8"], str(workspace))
+    cfg = load_config(
+        "tiny", ["cutmix.enabled=false", "download.max_images=20", "download.shard_size=8"], str(workspace)
+    )
     download_flow(cfg)
     art = Plan(cfg).images
     assert art.read_manifest()["rows"] == 20 and len(art.read_manifest()["shards"]) == 3

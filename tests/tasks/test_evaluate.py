@@ -1,10 +1,14 @@
 """Evaluation plumbing: prompt sets, the shapes scorer on real images, per-batch resume of sampling."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from data import shapes
+from flows.config import load_config
 from tasks.evaluate import image_grid, load_prompts, shapes_metrics
 
 
@@ -33,3 +37,58 @@ def test_grid_layout():
     grid = image_grid([Image.new("RGB", (64, 64), (i * 20, 0, 0)) for i in range(10)], columns=4, cell=32)
     assert grid.size == (128, 96)
     assert grid.getpixel((32 + 5, 5)) == (20, 0, 0)
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture
+def trained(prefect_harness, workspace):
+    from flows.download import download_flow
+    from flows.latents import latents_flow
+    from flows.recaption import recaption_flow
+    from flows.train import train_flow
+
+    base = ["cutmix.enabled=false", "download.max_images=16", "recaption.backend=template", "train.steps=2",
+            "train.batch_size=4", "train.sample_prompts=0", "evaluate.steps=2"]  # fmt: skip
+    cfg = load_config("tiny", base, str(workspace))
+    for run in (download_flow, recaption_flow, latents_flow, train_flow):
+        run(cfg)
+    return base, workspace
+
+
+@pytest.mark.skipif(
+    not (SHARED / "geneval").is_dir(), reason="GenEval prompts not available (../shared/data)"
+)
+def test_geneval_folder_has_the_official_structure(trained):
+    from flows.evaluate import evaluate_flow
+
+    base, workspace = trained
+    metadata = SHARED / "geneval" / "evaluation_metadata.jsonl"
+    cfg = load_config("tiny", [*base, f"evaluate.prompts=geneval:{metadata}", "evaluate.num_prompts=5",
+                               "evaluate.images_per_prompt=2"], str(workspace))  # fmt: skip
+    metrics = evaluate_flow(cfg)["metrics"]
+    out = Path(metrics["benchmark_folder"])
+    lines = metadata.read_text().splitlines()
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}" for i in range(5)]
+    for i in range(5):
+        folder = out / f"{i:05d}"
+        assert (folder / "metadata.jsonl").read_text() == lines[i] + "\n"
+        assert json.loads((folder / "metadata.jsonl").read_text())["prompt"] == json.loads(lines[i])["prompt"]
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+        assert Image.open(folder / "samples" / "0000.png").size == (64, 64)
+
+
+@pytest.mark.skipif(
+    not (SHARED / "dpg_bench").is_dir(), reason="DPG-Bench prompts not available (../shared/data)"
+)
+def test_dpg_bench_writes_a_2x2_grid_per_prompt_named_by_id(trained):
+    from flows.evaluate import evaluate_flow
+
+    base, workspace = trained
+    folder = SHARED / "dpg_bench" / "prompts"
+    cfg = load_config("tiny", [*base, f"evaluate.prompts=dpg:{folder}", "evaluate.num_prompts=3",
+                               "evaluate.images_per_prompt=4"], str(workspace))  # fmt: skip
+    out = Path(evaluate_flow(cfg)["metrics"]["benchmark_folder"])
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
+    assert Image.open(out / "0.png").size == (128, 128)

@@ -15,7 +15,9 @@ from tasks.latents import SHAPE_META_KEY
 
 
 def test_latents_store_posterior_mean_and_std(prefect_harness, workspace):
-    cfg = load_config("tiny", ["download.max_images=12", "download.shard_size=5"], str(workspace))
+    cfg = load_config(
+        "tiny", ["cutmix.enabled=false", "download.max_images=12", "download.shard_size=5"], str(workspace)
+    )
     download_flow(cfg)
     latents_flow(cfg)
     plan = Plan(cfg)
@@ -39,9 +41,9 @@ def test_latents_store_posterior_mean_and_std(prefect_harness, workspace):
 
 
 def test_changing_resolution_lands_in_a_new_artifact_and_keeps_the_old(prefect_harness, workspace):
-    base = ["download.max_images=4"]
+    base = ["cutmix.enabled=false", "download.max_images=4"]
     a = load_config("tiny", base, str(workspace))
-    b = load_config("tiny", [*base, "latents.resolution=32"], str(workspace))
+    b = load_config("tiny", ["cutmix.enabled=false", *base, "latents.resolution=32"], str(workspace))
     download_flow(a)
     latents_flow(a)
     latents_flow(b)

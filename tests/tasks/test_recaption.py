@@ -32,7 +32,9 @@ def test_postprocess_keeps_one_line_up_to_the_last_full_stop():
 
 @pytest.fixture(scope="module")
 def vllm_captioner(tiny_models):
-    cfg = load_config("tiny", ["recaption.max_new_tokens=12"], str(tiny_models.parent))
+    cfg = load_config(
+        "tiny", ["cutmix.enabled=false", "recaption.max_new_tokens=12"], str(tiny_models.parent)
+    )
     return load_captioner(cfg.recaption, tiny_models.parent)
 
 
@@ -106,7 +108,7 @@ def test_undecodable_images_in_a_shard_become_rejects_and_the_rest_is_captioned(
     ]
     source = Artifact(workspace, "download", "handmade")
     source.write_shard(0, pa.Table.from_pylist(rows, schema=IMAGES))
-    cfg = load_config("tiny", ["recaption.max_new_tokens=4"], str(workspace))
+    cfg = load_config("tiny", ["cutmix.enabled=false", "recaption.max_new_tokens=4"], str(workspace))
     target = Artifact(workspace, "recaption", "handmade")
     info = caption_shard(cfg.recaption, target, 0, source)
     assert (info.rows, info.rejects) == (3, 2)
@@ -119,6 +121,7 @@ def test_undecodable_images_in_a_shard_become_rejects_and_the_rest_is_captioned(
 
 def test_recaption_stage_aligns_with_image_shards_with_several_prompts(prefect_harness, workspace):
     overrides = [
+        "cutmix.enabled=false",
         "download.max_images=40",
         "download.shard_size=16",
         "recaption.max_new_tokens=8",
@@ -144,7 +147,11 @@ def test_recaption_stage_aligns_with_image_shards_with_several_prompts(prefect_h
 
 
 def test_template_backend_writes_class_name_captions(prefect_harness, workspace):
-    cfg = load_config("tiny", ["download.max_images=10", "recaption.backend=template"], str(workspace))
+    cfg = load_config(
+        "tiny",
+        ["cutmix.enabled=false", "download.max_images=10", "recaption.backend=template"],
+        str(workspace),
+    )
     download_flow(cfg)
     recaption_flow(cfg)
     plan = Plan(cfg)
@@ -160,7 +167,12 @@ def test_parts_are_disjoint_and_cover_every_shard():
     assert parts[0] == [0, 3, 6, 9]
 
 
-SPLIT = ["download.max_images=64", "download.shard_size=16", "recaption.max_new_tokens=6"]
+SPLIT = [
+    "cutmix.enabled=false",
+    "download.max_images=64",
+    "download.shard_size=16",
+    "recaption.max_new_tokens=6",
+]
 
 
 def test_two_parts_with_two_engines_equal_one_worker(prefect_harness, workspace, tmp_path):
@@ -171,13 +183,15 @@ def test_two_parts_with_two_engines_equal_one_worker(prefect_harness, workspace,
     download_flow(reference)
     recaption_flow(reference)
 
-    first = load_config("tiny", [*SPLIT, "recaption.part=1/2", "recaption.workers=2"], str(workspace))
+    first = load_config(
+        "tiny", ["cutmix.enabled=false", *SPLIT, "recaption.part=1/2", "recaption.workers=2"], str(workspace)
+    )
     download_flow(first)
     summary = recaption_flow(first)
     plan = Plan(first)
     assert summary["complete"] is False and not plan.captions.is_complete()
     assert plan.captions.done_shards(4) == [0, 2]
-    second = load_config("tiny", [*SPLIT, "recaption.part=2/2"], str(workspace))
+    second = load_config("tiny", ["cutmix.enabled=false", *SPLIT, "recaption.part=2/2"], str(workspace))
     assert recaption_flow(second)["complete"] is True
     assert Plan(second).captions.root == plan.captions.root  # parts and workers never change the fingerprint
     ref = Plan(reference).captions
@@ -188,7 +202,7 @@ def test_two_parts_with_two_engines_equal_one_worker(prefect_harness, workspace,
 def test_imported_captions_round_trip_through_export(prefect_harness, workspace, tmp_path):
     from data.caption_sets import export_captions
 
-    cfg = load_config("tiny", ["download.max_images=30", "download.shard_size=8", "recaption.backend=template",
+    cfg = load_config("tiny", ["cutmix.enabled=false", "download.max_images=30", "download.shard_size=8", "recaption.backend=template",
                                "recaption.template=a picture of a {class_name}"], str(workspace))  # fmt: skip
     download_flow(cfg)
     recaption_flow(cfg)
@@ -196,7 +210,7 @@ def test_imported_captions_round_trip_through_export(prefect_harness, workspace,
     out = tmp_path / "captions.parquet"
     export_captions(plan.captions, plan.images, plan.num_shards, str(out))
 
-    imported = load_config("tiny", ["download.max_images=30", "download.shard_size=8", "recaption.backend=import",
+    imported = load_config("tiny", ["cutmix.enabled=false", "download.max_images=30", "download.shard_size=8", "recaption.backend=import",
                                     f"recaption.captions_source={out}"], str(workspace))  # fmt: skip
     assert recaption_flow(imported)["rows"] == 30
     again = Plan(imported).captions
@@ -212,7 +226,7 @@ def test_imported_captions_round_trip_through_export(prefect_harness, workspace,
         k.split("-")[-1] for i in range(plan.num_shards) for k in plan.images.read_shard(i)["key"].to_pylist()
     ]
     csv.write_text("image_id,text\n" + "".join(f"shapes-train-{k}.png,caption {k}\n" for k in keys[1:]))
-    by_name = load_config("tiny", ["download.max_images=30", "download.shard_size=8", "recaption.backend=import",
+    by_name = load_config("tiny", ["cutmix.enabled=false", "download.max_images=30", "download.shard_size=8", "recaption.backend=import",
                                    f"recaption.captions_source={csv}"], str(workspace))  # fmt: skip
     summary = recaption_flow(by_name)
     assert summary["rows"] == 29 and summary["rejects_by_reason"] == {"no caption": 1}
@@ -229,7 +243,13 @@ def test_a_shard_where_every_item_fails_is_an_error_not_a_shard_of_rejects(works
     ]
     source = Artifact(workspace, "download", "handmade")
     source.write_shard(0, pa.Table.from_pylist(rows, schema=IMAGES))
-    cfg = load_config("tiny", [], str(workspace))
+    cfg = load_config(
+        "tiny",
+        [
+            "cutmix.enabled=false",
+        ],
+        str(workspace),
+    )
 
     class BrokenEngine:
         model_id = "broken"

@@ -15,6 +15,7 @@ from flows.train import resolve_scale_factor, train_flow
 from tasks.train import NonFiniteLoss, batch_indices, checkpoint_dirs, load_final, lr_factor, train_denoiser
 
 OVERRIDES = [
+    "cutmix.enabled=false",
     "download.max_images=48",
     "download.shard_size=16",
     "recaption.backend=template",
@@ -88,7 +89,13 @@ def test_train_flow_writes_manifest_and_final_weights(data_workspace):
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_workspace):
     cfg = load_config(
         "tiny",
-        [*OVERRIDES, "train.lr=1e30", "train.optimizer=adamw", "train.grad_clip=1e30"],
+        [
+            "cutmix.enabled=false",
+            *OVERRIDES,
+            "train.lr=1e30",
+            "train.optimizer=adamw",
+            "train.grad_clip=1e30",
+        ],
         str(data_workspace),
     )
     with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
@@ -110,7 +117,11 @@ def test_schedule_and_data_order():
 
 def test_cutmix_stream_replaces_about_thirty_percent(data_workspace, tmp_path):
     """Any second (latents, captions) artifact serves as the composite stream here."""
-    cfg = load_config("tiny", [*OVERRIDES, "train.steps=12", "train.batch_size=16"], str(data_workspace))
+    cfg = load_config(
+        "tiny",
+        ["cutmix.enabled=false", *OVERRIDES, "train.steps=12", "train.batch_size=16"],
+        str(data_workspace),
+    )
     plan = Plan(cfg)
     composites = (plan.latents, plan.captions, plan.num_shards)
     result = train_denoiser.fn(
@@ -118,7 +129,7 @@ def test_cutmix_stream_replaces_about_thirty_percent(data_workspace, tmp_path):
         resolve_scale_factor(cfg, plan), composites=composites,
     )  # fmt: skip
     assert 0.18 <= result["cutmix_share"] <= 0.42  # 192 draws of a 0.3 rate
-    plain = load_config("tiny", [*OVERRIDES, "train.steps=12", "train.batch_size=16", "train.seed=1"],
+    plain = load_config("tiny", ["cutmix.enabled=false", *OVERRIDES, "train.steps=12", "train.batch_size=16", "train.seed=1"],
                         str(data_workspace))  # fmt: skip
     assert _run(plain)["cutmix_share"] == 0.0
 
@@ -126,13 +137,13 @@ def test_cutmix_stream_replaces_about_thirty_percent(data_workspace, tmp_path):
 def test_rectified_flow_with_latent_crops_trains_and_samples(data_workspace):
     from flows.evaluate import evaluate_flow
 
-    cfg = load_config("tiny", [*OVERRIDES, "train.objective=rectified_flow", "train.latent_crop=8",
+    cfg = load_config("tiny", ["cutmix.enabled=false", *OVERRIDES, "train.objective=rectified_flow", "train.latent_crop=8",
                                "evaluate.num_prompts=4", "evaluate.steps=3"], str(data_workspace))  # fmt: skip
     train_flow(cfg)
     assert load_final(Plan(cfg).checkpoints.root)[1]["objective"] == "rectified_flow"
     metrics = evaluate_flow(cfg)["metrics"]
     assert metrics["images"] == 4
-    wrong = load_config("tiny", [*OVERRIDES, "train.objective=rectified_flow", "train.latent_crop=8",
+    wrong = load_config("tiny", ["cutmix.enabled=false", *OVERRIDES, "train.objective=rectified_flow", "train.latent_crop=8",
                                  "evaluate.sampler=ddim", "evaluate.num_prompts=4"], str(data_workspace))  # fmt: skip
     with pytest.raises(ValueError, match="evaluate.sampler: 'ddim' does not fit a rectified_flow model"):
         evaluate_flow(wrong)

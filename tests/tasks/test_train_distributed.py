@@ -12,6 +12,7 @@ from flows.train import train_flow
 from tasks.train import checkpoint_dirs, load_final
 
 OVERRIDES = [
+    "cutmix.enabled=false",
     "download.max_images=32",
     "download.shard_size=16",
     "recaption.backend=template",
@@ -42,7 +43,7 @@ def test_two_processes_train_identical_weights_with_the_global_batch(prefect_har
 
 
 def test_batch_must_split_evenly_over_processes_and_micro_batches(prefect_harness, workspace):
-    cfg = load_config("tiny", [*OVERRIDES[:-3], "train.batch_size=6", "train.processes=1", "train.grad_accumulation=4"],
+    cfg = load_config("tiny", ["cutmix.enabled=false", *OVERRIDES[:-3], "train.batch_size=6", "train.processes=1", "train.grad_accumulation=4"],
                       str(workspace))  # fmt: skip
     download_flow(cfg)
     recaption_flow(cfg)
