@@ -26,7 +26,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from models.dit import Attention, Mlp, PatchEmbed, PositionalEmbedding, TimestepEmbedder
+from models.dit import (
+    Attention,
+    Mlp,
+    PatchEmbed,
+    PositionalEmbedding,
+    TimestepEmbedder,
+    init_backbone,
+    unpatchify,
+)
 from models.dit import count_parameters as count_parameters  # one definition, re-exported
 
 
@@ -188,18 +196,7 @@ class CAD(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_backbone(self)
         nn.init.normal_(self.latents, std=0.02)
         nn.init.normal_(self.text_tower.registers, std=0.02)
         # Zero-init: self-conditioning starts as a no-op, and the untrained model predicts ε = 0.
@@ -209,11 +206,7 @@ class CAD(nn.Module):
         nn.init.zeros_(self.final_linear.bias)
 
     def unpatchify(self, x: Tensor, grid_h: int, grid_w: int) -> Tensor:
-        """(B, gh·gw, p·p·C) -> (B, C, gh·p, gw·p)."""
-        p, c = self.config.patch_size, self.out_channels
-        x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
+        return unpatchify(x, grid_h, grid_w, self.config.patch_size, self.out_channels)
 
     def forward(
         self,

@@ -232,6 +232,31 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def init_backbone(model: nn.Module) -> None:
+    """The DiT initialisation shared by DiT-I and CAD-I: Xavier-uniform linears with zero biases, the patch
+    embedding initialised like a linear layer, N(0, 0.02) timestep MLP. Zero-inits come after, per model."""
+
+    def basic_init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(basic_init)
+    weight = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+
+
+def unpatchify(x: Tensor, grid_h: int, grid_w: int, patch: int, channels: int) -> Tensor:
+    """(B, gh·gw, p·p·C) -> (B, C, gh·p, gw·p)."""
+    x = x.reshape(x.shape[0], grid_h, grid_w, patch, patch, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, grid_h * patch, grid_w * patch)
+
+
 class DiT(nn.Module):
     """ε-prediction DiT over latents with text cross-attention (DiT-I)."""
 
@@ -253,20 +278,9 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        # Patch embedding initialised like a linear layer (as DiT).
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for mlp in (self.t_embedder.mlp, self.text_embedder.pool_mlp):
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
+        init_backbone(self)
+        nn.init.normal_(self.text_embedder.pool_mlp[0].weight, std=0.02)
+        nn.init.normal_(self.text_embedder.pool_mlp[2].weight, std=0.02)
         # adaLN-Zero: every gate, shift and scale starts at zero, so each block starts as the identity,
         # and the output layer starts at zero, so the untrained model predicts ε = 0 (initial loss = 1).
         for block in self.blocks:
@@ -278,11 +292,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: Tensor, grid_h: int, grid_w: int) -> Tensor:
-        """(B, gh·gw, p·p·C) -> (B, C, gh·p, gw·p)."""
-        p, c = self.config.patch_size, self.out_channels
-        x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
+        return unpatchify(x, grid_h, grid_w, self.config.patch_size, self.out_channels)
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """x (B, C, H, W) latents, t (B,) in [0, 1], text (B, L, D), text_mask (B, L) True = real token.
