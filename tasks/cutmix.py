@@ -1,4 +1,5 @@
-"""CutMix stage unit of work: shard i of the images → its composites (one per base image × multiplier).
+"""CutMix stage unit of work: shard i of the images → its composites (one per base image × multiplier),
+stored as JPEG (quality 95) when the base image is a JPEG, PNG otherwise.
 
 Partners come from a pool of the base shard plus a few other shards drawn per shard (reading every shard
 for every composite would read the whole dataset per shard); within the pool the partner is uniform among
@@ -47,16 +48,16 @@ def cutmix_shard(
     ]
     base_count = images.shard_info(index).rows
     labels = np.array([r["label"] if r["label"] is not None else -1 for r in pool])
-    decoded: dict[int, object] = {}
-
-    def image(i: int):
-        if i not in decoded:
-            decoded[i] = decode_image(pool[i]["image"])
-        return decoded[i]
-
     rows, rejects = [], []
     for local in range(base_count):
         base = pool[local]
+        try:  # decoded images are not kept: a pool of 5 ImageNet shards would hold gigabytes of pixels
+            base_image = decode_image(base["image"])
+        except RejectedImage as err:
+            rejects += [
+                Reject(f"cutmix{c}/{base['key']}", err.reason, err.detail) for c in range(cfg.multiplier)
+            ]
+            continue
         for copy in range(cfg.multiplier):
             rng = np.random.default_rng([cfg.seed, index, local, copy])
             layout = choose_layout(rng, cfg.layout_weights)
@@ -64,15 +65,15 @@ def cutmix_shard(
             partner = pick_partner(local, labels, rng)
             key = f"cutmix{copy}/{base['key']}"
             try:
-                composite = compose(image(local), image(partner), box, cfg.resolution)
+                composite = compose(base_image, decode_image(pool[partner]["image"]), box, cfg.resolution)
             except RejectedImage as err:
-                rejects.append(Reject(key, err.reason, err.detail))
+                rejects.append(Reject(key, err.reason, f"pasted image {pool[partner]['key']}: {err.detail}"))
                 continue
             other = pool[partner]
             rows.append(
                 {
                     "key": key,
-                    "image": encode_image(composite, "PNG"),
+                    "image": encode_image(composite, "JPEG" if base["image"][:2] == b"\xff\xd8" else "PNG"),
                     "label": base["label"],
                     "class_name": base["class_name"],
                     "width": cfg.resolution,
