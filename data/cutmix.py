@@ -234,14 +234,21 @@ def plan_composite(
     seed: int,
     weights: Mapping[str, float] | None = None,
     copy: int = 0,
+    shard: int | None = None,
 ) -> dict:
     """The composite for image ``index``: ``{"layout", "box", "partner"}``, a pure function of
-    ``(seed, index, copy)`` (and the labels, size and weights), so shards and resumed runs agree.
+    ``(seed, [shard,] index, copy)`` (and the labels, size and weights), so shards and resumed runs agree.
+    ``shard`` keys the draws when ``index`` is local to a shard's partner pool.
     """
-    for name, value in (("seed", seed), ("index", index), ("copy", copy)):
+    for name, value in (("seed", seed), ("index", index), ("copy", copy), ("shard", shard or 0)):
         if int(value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    rng = np.random.default_rng([int(seed), int(index), int(copy)])
+    key = (
+        [int(seed), int(index), int(copy)]
+        if shard is None
+        else [int(seed), int(shard), int(index), int(copy)]
+    )
+    rng = np.random.default_rng(key)
     layout = choose_layout(rng, weights)
     box = sample_box(layout, size, rng)
     partner = pick_partner(index, labels, rng)

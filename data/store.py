@@ -82,6 +82,14 @@ class Artifact:
     def root(self) -> Path:
         return Path(self.workspace) / self.stage / self.fingerprint
 
+    def ref(self) -> list[str]:
+        """A JSON-able reference, for handing the artifact to a worker process."""
+        return [str(self.workspace), self.stage, self.fingerprint]
+
+    @classmethod
+    def from_ref(cls, ref: list[str]) -> Artifact:
+        return cls(Path(ref[0]), ref[1], ref[2])
+
     # --- shards -------------------------------------------------------------------------------------
     def shard_path(self, index: int) -> Path:
         return self.root / f"part-{index:05d}.parquet"

@@ -9,7 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import PipelineConfig
 from flows.plan import Plan
-from flows.stage_runner import run_sharded_stage, skipped_summary
+from flows.stage_runner import run_sharded_stage
 from tasks.download import download_shard
 
 
@@ -17,9 +17,7 @@ from tasks.download import download_shard
 def download_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
     artifact = plan.images
-    if artifact.is_complete():
-        return skipped_summary("download", artifact)
-    source = plan.source
+    source = plan.source  # already opened: the fingerprint includes its identity
     runner = download_shard.with_options(task_run_name="download-{index}")
 
     def extra() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from tasks.recaption import (
     run_worker,
     summary_markdown,
 )
-from tasks.shards import run_logger
+from tasks.shards import publish_markdown, run_logger
 
 
 @flow(
@@ -65,15 +65,6 @@ def caption_image_set(cfg: PipelineConfig, plan: Plan, name: str, images: Artifa
             fut.result()
     summary = run.finish(lambda: caption_summary(artifact, plan.num_shards, rc))
     if summary["complete"]:
-        manifest = artifact.read_manifest()
-        try:
-            from prefect.artifacts import create_markdown_artifact
-
-            create_markdown_artifact(
-                markdown=summary_markdown({**manifest, "path": str(artifact.root)}),
-                key=f"{label}-summary",
-                description="Recaption summary",
-            )
-        except Exception:  # outside a flow run there is nowhere to publish it
-            pass
+        manifest = {**artifact.read_manifest(), "path": str(artifact.root)}
+        publish_markdown(summary_markdown(manifest), key=f"{label}-summary", description="Recaption summary")
     return summary

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import models  # noqa: F401  (the torchvision shim, before torch is imported)
 from data.store import Artifact
@@ -18,8 +17,8 @@ def main() -> int:
 
     spec = json.loads(sys.stdin.read())
     cfg = RecaptionConfig.model_validate(spec["cfg"])
-    artifact = Artifact(Path(spec["artifact"][0]), *spec["artifact"][1:])
-    images = Artifact(Path(spec["images"][0]), *spec["images"][1:])
+    artifact = Artifact.from_ref(spec["artifact"])
+    images = Artifact.from_ref(spec["images"])
     shards = spec["shards"]
     for pos, index in enumerate(shards):
         started = time.time()

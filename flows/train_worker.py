@@ -23,19 +23,16 @@ def main(spec_path: str) -> int:
     )
     spec = json.loads(Path(spec_path).read_text())
 
-    def artifact(parts: list[str]) -> Artifact:
-        return Artifact(Path(parts[0]), parts[1], parts[2])
-
     result = train_denoiser.fn(
         TrainConfig.model_validate(spec["train"]),
         TextConfig.model_validate(spec["text"]),
-        artifact(spec["artifact"]),
-        artifact(spec["latents"]),
-        artifact(spec["captions"]),
+        Artifact.from_ref(spec["artifact"]),
+        Artifact.from_ref(spec["latents"]),
+        Artifact.from_ref(spec["captions"]),
         spec["num_shards"],
         spec["scale_factor"],
         vae_path=spec.get("vae_path"),
-        composites=(artifact(comp[0]), artifact(comp[1]), comp[2])
+        composites=(Artifact.from_ref(comp[0]), Artifact.from_ref(comp[1]), comp[2])
         if (comp := spec.get("composites"))
         else None,
     )

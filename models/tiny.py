@@ -7,7 +7,6 @@ reference (a Hub id or a local path) is returned unchanged, so the loading code 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -246,11 +245,3 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "vae": build_tiny_vae,
     "t5": build_tiny_t5,
 }
-
-
-def describe_model(ref: str, path: str) -> dict[str, str]:
-    """What the manifest records about a model: the reference, and where it was loaded from."""
-    info = {"ref": ref}
-    if os.path.isdir(path):
-        info["path"] = str(path)
-    return info

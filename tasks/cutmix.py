@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from prefect import task
 
-from data.cutmix import choose_layout, compose, pick_partner, sample_box
+from data.cutmix import CutmixBox, compose, plan_composite
 from data.imaging import RejectedImage, decode_image, encode_image
 from data.schemas import IMAGES
 from data.store import Artifact, Reject, ShardInfo
@@ -59,10 +59,10 @@ def cutmix_shard(
             ]
             continue
         for copy in range(cfg.multiplier):
-            rng = np.random.default_rng([cfg.seed, index, local, copy])
-            layout = choose_layout(rng, cfg.layout_weights)
-            box = sample_box(layout, cfg.resolution, rng)
-            partner = pick_partner(local, labels, rng)
+            plan = plan_composite(
+                local, labels, cfg.resolution, cfg.seed, cfg.layout_weights, copy, shard=index
+            )
+            layout, box, partner = plan["layout"], CutmixBox(**plan["box"]), plan["partner"]
             key = f"cutmix{copy}/{base['key']}"
             try:
                 composite = compose(base_image, decode_image(pool[partner]["image"]), box, cfg.resolution)

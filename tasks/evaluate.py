@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 from prefect import task
 
@@ -21,8 +20,9 @@ from data.store import Artifact, atomic_path
 from models.diffusion import ddim_sample, ddpm_sample
 from models.flow_matching import euler_sample
 from models.tiny import resolve_model
+from models.vae import decode_latents
 from tasks.model_cache import cached_model, pick_device
-from tasks.shards import Progress, run_logger
+from tasks.shards import Progress, publish_markdown, run_logger
 from tasks.train import load_final, step_generator
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def evaluate_checkpoint(
             meta.get("objective", "epsilon"), cfg.sampler, model, shape, text, mask, null_text, null_mask,
             steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=step_generator(cfg.seed, b),
         )  # fmt: skip
-        pixels = _decode(vae, z / scale)
+        pixels = decode_latents(vae, z / scale)
         for (p, k), px in zip(batch, pixels, strict=True):
             _save_png(Image.fromarray(px), paths[(p.index, k)])
         progress.advance(f"({len(batch)} images)")
@@ -194,20 +194,9 @@ def evaluate_checkpoint(
     report = render_report(cfg, metrics, checkpoints)
     with atomic_path(artifact.root / "report.md") as tmp:
         tmp.write_text(report)
-    try:
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=report, key="evaluate-report", description="Evaluation report")
-    except Exception:  # outside a flow run there is nowhere to publish it
-        pass
+    publish_markdown(report, key="evaluate-report", description="Evaluation report")
     log.info(f"[evaluate] {len(images)} images, report: {artifact.root / 'report.md'}")
     return metrics
-
-
-def _decode(vae, latents: torch.Tensor) -> np.ndarray:
-    from models.vae import decode_latents
-
-    return decode_latents(vae, latents)
 
 
 def shapes_metrics(images: list[Image.Image], scenes: list[Any]) -> dict[str, Any]:

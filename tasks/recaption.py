@@ -240,8 +240,8 @@ def run_worker(
     log = run_logger()
     spec = {
         "cfg": cfg.model_dump(mode="json"),
-        "artifact": [str(artifact.workspace), artifact.stage, artifact.fingerprint],
-        "images": [str(images.workspace), images.stage, images.fingerprint],
+        "artifact": artifact.ref(),
+        "images": images.ref(),
         "shards": shards,
     }
     env = dict(os.environ)

@@ -38,6 +38,16 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("t2i")
 
 
+def publish_markdown(markdown: str, key: str, description: str) -> None:
+    """A Prefect markdown artifact for the UI; outside a flow run there is nowhere to publish it."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown=markdown, key=key, description=description)
+    except Exception:  # no flow or task run context (unit tests, scripts)
+        pass
+
+
 class Progress:
     """Per-shard progress: a log line a person can follow, and a Prefect progress artifact for the UI."""
 

@@ -31,7 +31,7 @@ from models.flow_matching import RectifiedFlowObjective
 from models.tiny import resolve_model
 from tasks.latents import SHAPE_META_KEY
 from tasks.model_cache import cached_model, pick_device
-from tasks.shards import run_logger
+from tasks.shards import publish_markdown, run_logger
 
 if TYPE_CHECKING:
     from flows.config import TextConfig, TrainConfig
@@ -215,17 +215,10 @@ class SamplePreview:
         path = self.root / "samples" / f"step-{step:08d}.png"
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
-        try:
-            from prefect.artifacts import create_markdown_artifact
-
-            lines = [f"Samples at step {step}: `{path}`", ""] + [
-                f"{i + 1}. {p}" for i, p in enumerate(self.prompts)
-            ]
-            create_markdown_artifact(
-                markdown="\n".join(lines), key="train-samples", description="Training samples"
-            )
-        except Exception:  # outside a flow run there is nowhere to publish it
-            pass
+        lines = [f"Samples at step {step}: `{path}`", ""] + [
+            f"{i + 1}. {p}" for i, p in enumerate(self.prompts)
+        ]
+        publish_markdown("\n".join(lines), key="train-samples", description="Training samples")
         return grid
 
 
@@ -489,15 +482,13 @@ def launch_distributed(
     spec = {
         "train": cfg.model_dump(mode="json"),
         "text": text_cfg.model_dump(mode="json"),
-        "artifact": [str(artifact.workspace), artifact.stage, artifact.fingerprint],
-        "latents": [str(latents.workspace), latents.stage, latents.fingerprint],
-        "captions": [str(captions.workspace), captions.stage, captions.fingerprint],
+        "artifact": artifact.ref(),
+        "latents": latents.ref(),
+        "captions": captions.ref(),
         "num_shards": num_shards,
         "scale_factor": scale_factor,
         "vae_path": vae_path,
-        "composites": [[str(a.workspace), a.stage, a.fingerprint] for a in composites[:2]] + [composites[2]]
-        if composites
-        else None,
+        "composites": [composites[0].ref(), composites[1].ref(), composites[2]] if composites else None,
     }
     spec_path = artifact.write_json("launch.json", spec)
     result_path = artifact.root / "result.json"
