@@ -43,3 +43,11 @@ LATENTS = pa.schema(
         pa.field("std", pa.binary(), nullable=False),  # float16, C×H×W
     ]
 )
+
+TEXT_EMBEDDINGS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("embedding", pa.binary(), nullable=False),  # tokens × dim in text.dtype, C-contiguous
+        pa.field("tokens", pa.int32(), nullable=False),
+    ]
+)

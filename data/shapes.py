@@ -157,6 +157,24 @@ class Scene:
         """Index of `class_name` in CLASS_NAMES, for class-conditional models."""
         return CLASS_NAMES.index(self.class_name)
 
+    @classmethod
+    def from_attributes(cls, attributes: dict[str, Any]) -> Scene | None:
+        """The scene an `attributes()` dict describes, or None when the dict is not a shapes scene."""
+        try:
+            objects = tuple(
+                ShapeObject(
+                    shape=o["shape"],
+                    colour=o["colour"],
+                    size=o["size"],
+                    cell=tuple(o["cell"]),
+                    jitter=tuple(o.get("jitter", (0, 0))),
+                )
+                for o in attributes["objects"]
+            )
+            return cls(background=tuple(attributes["background"]), objects=objects)
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def attributes(self) -> dict[str, Any]:
         """JSON-serialisable description (lists instead of tuples) for manifests and metadata files."""
         return {
@@ -531,21 +549,36 @@ def score_generation(
     return scores
 
 
-def chance_levels(n: int = 2000, seed: int = 0) -> dict[str, float]:
+CLASS_CATEGORIES: tuple[str, ...] = ("single_object", "colours")
+
+
+def score_class_generation(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, float | None]:
+    """Grading for a class-name prompt ("An image of red circle"): only what the class names — the dominant
+    object's shape, its colour and the pair; counts and positions are not prompted, so not scored."""
+    dominant = next(o for o in scene.objects if o.class_name == scene.class_name)
+    scores = score_generation(image, [dominant])
+    kept: dict[str, float | None] = {k: scores[k] for k in ("colour_shape", *CLASS_CATEGORIES)}
+    kept["overall"] = sum(scores[k] for k in CLASS_CATEGORIES) / len(CLASS_CATEGORIES)
+    return kept
+
+
+def chance_levels(n: int = 2000, seed: int = 0, class_prompts: bool = False) -> dict[str, float]:
     """Scores of a generator that ignores its prompt: the floor to read `score_generation` results against.
 
     Prompt i is the "val" scene i, the "image" is the rendered, unrelated "test" scene i (same seed); each
     category is averaged over the prompts where it applies (0.0 if it never does). A model is only learning
-    the prompt where it beats these numbers; e.g. "counting" is already ~1/3 here by luck.
+    the prompt where it beats these numbers; e.g. "counting" is already ~1/3 here by luck. With
+    `class_prompts`, the prompts are class names and graded by `score_class_generation`.
     """
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
     for i in range(n):
         prompt = scene(i, seed, "val")
-        result = score_generation(render(scene(i, seed, "test")), prompt)
+        image = render(scene(i, seed, "test"))
+        result = score_class_generation(image, prompt) if class_prompts else score_generation(image, prompt)
         for key, value in result.items():
             if value is not None:
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
-    keys = ("colour_shape", *GENERATION_CATEGORIES, "overall")
+    keys = ("colour_shape", *(CLASS_CATEGORIES if class_prompts else GENERATION_CATEGORIES), "overall")
     return {k: totals.get(k, 0.0) / counts[k] if counts.get(k) else 0.0 for k in keys}

@@ -4,6 +4,8 @@ t2i run --preset tiny [--workspace DIR] [--set section.field=value ...]
 t2i download|recaption|latents|train|evaluate --preset P [...]
 t2i status --preset P [--workspace DIR]
 t2i serve --preset P            (needs a Prefect server: `make server`)
+t2i ablate --preset tiny [--seeds 0 1 2]   (class vs vlm vs vlm+cutmix captions, shapes scorer)
+t2i train-shapes-models captioner vae [--out DIR]   (retrain the tiny preset's trained models)
 """
 
 from __future__ import annotations
@@ -78,14 +80,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="publish the flows as deployments to a Prefect server and serve them")
     common(p)
     p.add_argument("--name", default=None, help="deployment name (default: the preset name)")
+    p = sub.add_parser(
+        "ablate",
+        help="train and evaluate class / vlm / vlm+cutmix captions over several seeds (shapes world)",
+    )
+    common(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training/evaluation seeds")
+    p = sub.add_parser(
+        "train-shapes-models",
+        help="retrain the shapes world's captioner / VAE that the tiny preset uses (CPU, ~10 min each)",
+    )
+    p.add_argument("which", nargs="+", choices=("captioner", "vae"))
+    p.add_argument("--out", default=None, help="folder for shapes-<which>/ (default: models/weights)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="override the recipe's steps (the VAE's two phases keep their ratio)",
+    )
     return parser
+
+
+def _train_shapes_models(which: list[str], out: str | None, steps: int | None) -> int:
+    from pathlib import Path
+
+    from models.shapes_models import WEIGHTS_DIR, retrain
+
+    for name in which:
+        retrain(name, Path(out) if out else WEIGHTS_DIR, steps=steps)
+    return 0
 
 
 def _check_inputs(cfg: PipelineConfig, stage: str) -> None:
     from flows.plan import Plan
 
     plan = Plan(cfg)
-    for upstream in UPSTREAM[stage]:
+    upstreams = UPSTREAM[stage]
+    if stage == "latents" and cfg.text.mode == "precomputed":
+        upstreams = (*upstreams, "recaption")  # the captions it embeds
+    for upstream in upstreams:
         if upstream == "cutmix" and plan.composites is None:
             continue
         plan.require(upstream)
@@ -119,6 +152,8 @@ def _export_captions(cfg: PipelineConfig, out: str | None, repo: str | None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_defaults()
+    if args.command == "train-shapes-models":
+        return _train_shapes_models(args.which, args.out, args.steps)
     for flag in ("part", "gpus", "workers"):
         if getattr(args, flag, None) is not None:
             args.overrides.append(f"recaption.{flag}={getattr(args, flag)}")
@@ -152,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             serve_flows(cfg, name=args.name)
             return 0
         started = time.time()
+        if args.command == "ablate":
+            from flows.ablation import ablation_flow
+
+            result = ablation_flow(cfg, seeds=args.seeds)
+            print(f"\n{result['report']}\nreport: {result['path']}/report.md")
+            print(f"t2i ablate: done in {time.time() - started:.1f}s")
+            print(result["summary"])  # last line: class: A, vlm: B, vlm+cutmix: C
+            return 0
         if args.command == "run":
             from flows.pipeline import pipeline_flow
 
@@ -164,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         _print_outputs(cfg)
         print(f"\nt2i {args.command}: done in {time.time() - started:.1f}s")
         return 0
+    except ConfigError as err:
+        print(f"t2i: {err}", file=sys.stderr)
+        return 2
     except (MissingInput, FileNotFoundError, RuntimeError) as err:
         print(f"t2i: {err}", file=sys.stderr)
         return 1

@@ -250,6 +250,18 @@ class TextConfig(StageConfig):
     )
     revision: str | None = Field(None)
     max_length: int = Field(256, ge=1, le=4096, description="Text tokens kept (with a padding mask).")
+    mode: Literal["online", "precomputed"] = Field(
+        "online",
+        description="online: the frozen encoder runs in the training process; precomputed: the latents stage "
+        "stores every caption's embedding (held in memory when training: for flan-t5-xl ~0.5 MB a caption).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Encoder precision; embeddings are rounded to it in both modes."
+    )
+    batch_size: int = Field(64, ge=1, description="Captions per encoder forward when precomputing.")
+    device: str = Field("auto", description="Where the latents stage runs the encoder when precomputing.")
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
 
 
 class TrainConfig(StageConfig):
@@ -276,8 +288,11 @@ class TrainConfig(StageConfig):
     latent_crop: int | None = Field(None, ge=1, description="Random crops of the latent grid to this size.")
     self_condition: float = Field(0.9, ge=0, le=1, description="CAD-I: self-conditioning rate (RIN).")
     scale_factor: float | Literal["auto"] = Field(
-        0.18215, description="Latent scale (0.18215 for the SD VAE); 'auto' = 1/std measured by latents."
+        0.18215,
+        description="Latent scale (0.18215 for the SD VAE): the model sees (z − shift_factor) × scale_factor. "
+        "'auto': per-channel shift and scale from the mean/std the latents stage measured (unit variance).",
     )
+    shift_factor: float = Field(0.0, description="Latent shift (0 for the SD VAE; e.g. 0.0609 for SD3's).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16")
     checkpoint_every: int = Field(5000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -293,6 +308,14 @@ class TrainConfig(StageConfig):
         ge=1,
         description="Training processes on this machine (DDP; default: one per visible GPU, 1 on CPU).",
     )
+    nodes: int = Field(
+        1, ge=1, description="Machines in the job; each runs the train stage with its node_rank."
+    )
+    node_rank: int = Field(0, ge=0, description="This machine's rank among `nodes` (0 writes the manifest).")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node jobs).")
+    master_port: int = Field(
+        29500, ge=1, le=65535, description="Rendezvous port on node 0 (multi-node jobs)."
+    )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
@@ -305,14 +328,26 @@ class TrainConfig(StageConfig):
             "device",
             "grad_accumulation",
             "processes",
+            "nodes",
+            "node_rank",
+            "master_addr",
+            "master_port",
         }
     )
+
+    @model_validator(mode="after")
+    def _node_rank_in_range(self) -> TrainConfig:
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank must be below nodes ({self.nodes}), got {self.node_rank}")
+        return self
 
 
 class EvaluateConfig(StageConfig):
     prompts: str = Field(
         "shapes:val",
-        description="Prompt set: 'shapes:<split>' (shapes world, scored from pixels), 'file:<path>' (one prompt "
+        description="Prompt set: 'shapes:<split>' (shapes world captions, scored from pixels), "
+        "'shapes-class:<split>' (its class names in the template captioner's words), 'heldout:<recaption "
+        "artifact folder>' (captions of held-out images, which are the FID reference), 'file:<path>' (one prompt "
         "per line), 'geneval:<evaluation_metadata.jsonl>' or 'dpg:<prompts folder>' (written in the layouts "
         "the official scorers read).",
     )
@@ -326,18 +361,40 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(16, ge=1)
     seed: int = Field(0)
     use_ema: bool = Field(True, description="Sample with the EMA weights.")
+    checkpoints: list[str] = Field(
+        ["final"],
+        min_length=1,
+        description="Checkpoints to evaluate: 'final', kept 'step-NNNNNNNN' names, or 'all'; the first is the "
+        "headline, several give a comparison table.",
+    )
+    feature_extractor: Literal["inception", "small", "none"] = Field(
+        "inception",
+        description="FID/KID/IS/precision-recall features (when the prompt set has real images: shapes, "
+        "heldout): 'inception' (TF-FID weights from inception_weights), 'small' (a fixed random conv net: "
+        "compares runs of this pipeline only), 'none'.",
+    )
+    inception_weights: str = Field(
+        "~/.cache/t2i/weights-inception-2015-12-05-6726825d.pth",
+        description="Local file of torch-fidelity's InceptionV3 (TF-FID) weights; never downloaded at "
+        "evaluation time (see the README for the one-time download).",
+    )
+    clip_model: str | None = Field(
+        None,
+        description="CLIP for CLIPScore (Hub id or local path, e.g. openai/clip-vit-large-patch14); None: skip.",
+    )
     device: str = Field("auto")
 
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "inception_weights"})
 
     @field_validator("prompts")
     @classmethod
     def _known_prompts(cls, v: str) -> str:
         kind, _, rest = v.partition(":")
-        if kind in ("shapes", "file", "geneval", "dpg") and rest:
+        if kind in ("shapes", "shapes-class", "heldout", "file", "geneval", "dpg") and rest:
             return v
         raise ValueError(
-            f"unknown prompt set {v!r}; allowed: 'shapes:<split>', 'file:<path>', "
+            f"unknown prompt set {v!r}; allowed: 'shapes:<split>', 'shapes-class:<split>', "
+            "'heldout:<recaption artifact folder>', 'file:<path>', "
             "'geneval:<evaluation_metadata.jsonl>', 'dpg:<prompts folder>'"
         )
 
@@ -400,6 +457,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"bad --set {item!r}: {part!r} is not a section")
         node[path[-1]] = value
     return data
+
+
+def with_overrides(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """A validated copy of `cfg` with `--set`-style overrides applied."""
+    try:
+        return PipelineConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), overrides))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def format_validation_error(err: ValidationError) -> str:

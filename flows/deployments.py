@@ -14,6 +14,7 @@ from flows.config import PipelineConfig
 def serve_flows(cfg: PipelineConfig, name: str | None = None, limit: int | None = None) -> None:
     from prefect import serve
 
+    from flows.ablation import ablation_flow
     from flows.pipeline import STAGE_FLOWS, pipeline_flow
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -28,6 +29,6 @@ def serve_flows(cfg: PipelineConfig, name: str | None = None, limit: int | None 
     params = {"cfg": cfg.model_dump(mode="json")}
     deployments = [
         f.to_deployment(name=name, parameters=params, tags=["t2i", name], enforce_parameter_schema=True)
-        for f in (pipeline_flow, *STAGE_FLOWS.values())
+        for f in (pipeline_flow, *STAGE_FLOWS.values(), ablation_flow)
     ]
     serve(*deployments, limit=limit)

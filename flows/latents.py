@@ -1,4 +1,5 @@
-"""The latents flow: `images` shards → VAE posterior moments (float16), plus latent statistics."""
+"""The latents flow: `images` shards → VAE posterior moments (float16), plus latent statistics and VAE
+reconstruction quality; with `text.mode: precomputed`, also every caption's T5 embedding."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ from typing import Any
 
 from prefect import flow
 
+from data.store import Artifact
 from flows.config import PipelineConfig
 from flows.plan import Plan
 from flows.stage_runner import run_sharded_stage
-from tasks.latents import latent_statistics, latents_shard
+from tasks.latents import latent_statistics, latents_shard, reconstruction_quality
+from tasks.shards import run_logger
+from tasks.text import null_embedding, text_shard
 
 
 @flow(
@@ -30,6 +34,41 @@ def latents_flow(cfg: PipelineConfig) -> dict[str, Any]:
             artifact,
             plan.num_shards,
             lambda i, a=artifact, im=images, r=runner: r(cfg=cfg.latents, artifact=a, index=i, images=im),
-            extra=lambda a=artifact: {"vae": cfg.latents.vae, **latent_statistics(a, plan.num_shards)},
+            extra=lambda a=artifact, im=images: {
+                "vae": cfg.latents.vae,
+                **latent_statistics(a, plan.num_shards),
+                "reconstruction": reconstruction_quality(cfg.latents, a, im, plan.num_shards),
+            },
         )
-    return {**summaries["download"], "composites": summaries.get("cutmix")}
+        if summaries[name]["complete"] and not summaries[name]["skipped"]:
+            quality = artifact.read_manifest().get("reconstruction") or {}
+            if quality:
+                shapes_score = quality.get("shapes_score")
+                run_logger().info(
+                    f"[{label}] VAE reconstructions of {quality['images']} images: PSNR {quality['psnr']:.1f} dB"
+                    + (f", shapes score {100 * shapes_score:.1f}%" if shapes_score is not None else "")
+                )
+        captions = plan.captions_of(images)
+        if (text := plan.text_of(captions)) is not None:
+            summaries[f"text-{name}"] = precompute_text(
+                cfg, plan, text, plan.require("recaption", captions), name
+            )
+    return {
+        **summaries["download"],
+        "composites": summaries.get("cutmix"),
+        "text": summaries.get("text-download"),
+        "composite_text": summaries.get("text-cutmix"),
+    }
+
+
+def precompute_text(cfg: PipelineConfig, plan: Plan, text: Artifact, captions: Artifact, name: str) -> dict:
+    """`text.mode: precomputed`: every caption's T5 embedding, one shard per captions shard."""
+    label = "text" if name == "download" else "text-composites"
+    runner = text_shard.with_options(task_run_name=f"{label}-{{index}}")
+    return run_sharded_stage(
+        label,
+        text,
+        plan.num_shards,
+        lambda i: runner(cfg=cfg.text, artifact=text, index=i, captions=captions),
+        extra=lambda: {"encoder": cfg.text.encoder, **null_embedding(cfg.text, text.workspace)},
+    )

@@ -17,6 +17,7 @@ from tasks import download as download_task
 from tasks import evaluate as evaluate_task
 from tasks import latents as latents_task
 from tasks import recaption as recaption_task
+from tasks import text as text_task
 from tasks import train as train_task
 
 STAGES = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
@@ -70,6 +71,14 @@ class Plan:
         cfg = self.cfg.latents.fingerprint_fields()
         return self._artifact("latents", latents_task.VERSION, cfg, {"images": images.fingerprint})
 
+    def text_of(self, captions: Artifact) -> Artifact | None:
+        """Precomputed text embeddings of a captions artifact (made by the latents stage), or None online."""
+        if self.cfg.text.mode != "precomputed":
+            return None
+        cfg = self.cfg.text.fingerprint_fields()
+        cfg.pop("mode")
+        return self._artifact("text", text_task.VERSION, cfg, {"captions": captions.fingerprint})
+
     @functools.cached_property
     def captions(self) -> Artifact:
         return self.captions_of(self.images)
@@ -110,6 +119,8 @@ class Plan:
         for name, images in self.image_sets():
             suffix = " (composites)" if name == "cutmix" else ""
             out.append((f"latents{suffix}", "latents", self.latents_of(images)))
+            if (text := self.text_of(self.captions_of(images))) is not None:
+                out.append((f"text embeddings{suffix}", "latents", text))
         out += [("train", "train", self.checkpoints), ("evaluate", "evaluate", self.evaluation)]
         return out
 

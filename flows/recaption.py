@@ -63,8 +63,17 @@ def caption_image_set(cfg: PipelineConfig, plan: Plan, name: str, images: Artifa
         ]
         for fut in futures:
             fut.result()
-    summary = run.finish(lambda: caption_summary(artifact, plan.num_shards, rc))
+    summary = run.finish(lambda: caption_summary(artifact, plan.num_shards, rc, images))
     if summary["complete"]:
         manifest = {**artifact.read_manifest(), "path": str(artifact.root)}
+        truth = summary["ground_truth"] = manifest.get("ground_truth")
+        if truth:
+            details = ", ".join(
+                f"{k} {100 * v:.1f}%" for k, v in truth.items() if k not in ("images", "exact")
+            )
+            run_logger().info(
+                f"[{label}] against ground truth: {100 * truth['exact']:.1f}% exact captions ({details}) "
+                f"over {truth['images']} images"
+            )
         publish_markdown(summary_markdown(manifest), key=f"{label}-summary", description="Recaption summary")
     return summary

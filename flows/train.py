@@ -14,11 +14,19 @@ from models.tiny import resolve_model
 from tasks.train import FINAL, launch_distributed, train_denoiser
 
 
-def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> float:
-    """'auto' scales latents to unit variance using the std the latents stage measured."""
-    if cfg.train.scale_factor != "auto":
-        return float(cfg.train.scale_factor)
-    return 1.0 / plan.latents.read_manifest()["latent_std"]
+def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> dict[str, list[float]]:
+    """The latent normalisation, per channel: the model sees (z − shift) × scale. 'auto' takes each
+    channel's mean and std as the latents stage measured them (a VAE trained with a tiny KL leaves channels
+    of very different spread; one global scale would drown the narrow ones in noise early)."""
+    stats = plan.latents.read_manifest()
+    if "channel_mean" not in stats:  # a manifest from before per-channel statistics: measure them now
+        from tasks.latents import latent_statistics
+
+        stats = latent_statistics(plan.latents, plan.num_shards)
+    if cfg.train.scale_factor == "auto":
+        return {"shift": stats["channel_mean"], "scale": [1.0 / s for s in stats["channel_std"]]}
+    channels = stats["latent_shape"][0]
+    return {"shift": [cfg.train.shift_factor] * channels, "scale": [float(cfg.train.scale_factor)] * channels}
 
 
 def training_processes(cfg: PipelineConfig) -> int:
@@ -49,14 +57,22 @@ def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
             plan.require("recaption", plan.captions_of(plan.composites)),
             plan.num_shards,
         )
-    if processes > 1:
-        result = launch_distributed(*args, processes, vae_path=vae_path, composites=composites)
+    text_embeddings = [
+        plan.require("latents", text)
+        for _, images in plan.image_sets()
+        if (text := plan.text_of(plan.captions_of(images))) is not None
+    ]
+    kwargs = {"vae_path": vae_path, "composites": composites, "text_embeddings": text_embeddings}
+    if processes > 1 or cfg.train.nodes > 1:
+        result = launch_distributed(*args, processes, **kwargs)
     else:
-        result = train_denoiser(*args, vae_path=vae_path, composites=composites)
+        result = train_denoiser(*args, **kwargs)
+    if cfg.train.node_rank != 0:  # node 0 writes the manifest once the whole job is done
+        return {"stage": "train", "path": str(artifact.root), "skipped": False, **result}
     artifact.write_manifest(
         config=artifact.extra["config"],
         inputs=artifact.extra["inputs"],
         started=started,
-        extra={**result, "scale_factor": scale, "final": str(artifact.root / FINAL)},
+        extra={**result, "latent_norm": scale, "final": str(artifact.root / FINAL)},
     )
     return {"stage": "train", "path": str(artifact.root), "skipped": False, **result}

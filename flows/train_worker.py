@@ -35,6 +35,7 @@ def main(spec_path: str) -> int:
         composites=(Artifact.from_ref(comp[0]), Artifact.from_ref(comp[1]), comp[2])
         if (comp := spec.get("composites"))
         else None,
+        text_embeddings=[Artifact.from_ref(ref) for ref in spec.get("text_embeddings", [])],
     )
     if rank == 0:
         with atomic_path(Path(spec_path).with_name("result.json")) as tmp:

@@ -1,8 +1,10 @@
-"""Tiny, randomly initialised models built locally from configs: the embedded default needs no Hub.
+"""Tiny models for the embedded default, which needs no Hub.
 
-`resolve_model("tiny:llava", workspace)` builds the model once (seeded, so every machine gets the same
-weights), saves it in Hugging Face format under `<workspace>/models/`, and returns the path; any other
-reference (a Hub id or a local path) is returned unchanged, so the loading code is the real one either way.
+`resolve_model("tiny:llava", workspace)` builds a randomly initialised model once (seeded, so every machine
+gets the same weights), saves it in Hugging Face format under `<workspace>/models/`, and returns the path;
+`tiny:shapes-captioner` and `tiny:shapes-vae` are the committed models trained on the shapes world
+(`models.shapes_models`). Any other reference (a Hub id or a local path) is returned unchanged, so the
+loading code is the real one either way.
 """
 
 from __future__ import annotations
@@ -49,8 +51,19 @@ def resolve_model(ref: str, workspace: str | Path) -> str:
     if not is_tiny(ref):
         return ref
     name = ref[len(TINY_PREFIX) :]
+    if name in TRAINED:
+        from models.shapes_models import WEIGHTS_DIR
+
+        path = WEIGHTS_DIR / TRAINED[name]
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{ref}: no trained weights at {path}; make them with "
+                f"`t2i train-shapes-models {name.removeprefix('shapes-')} --out {WEIGHTS_DIR}`"
+            )
+        return str(path)
     if name not in BUILDERS:
-        raise ValueError(f"unknown tiny model {ref!r}; available: {', '.join('tiny:' + n for n in BUILDERS)}")
+        available = ", ".join("tiny:" + n for n in [*BUILDERS, *TRAINED])
+        raise ValueError(f"unknown tiny model {ref!r}; available: {available}")
     out = Path(workspace) / "models" / f"tiny-{name}-v{TINY_VERSION}"
     if (out / "config.json").is_file():
         return str(out)
@@ -239,6 +252,9 @@ def build_tiny_t5(out: Path, seed: int = 0) -> None:
     T5EncoderModel(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
 
+
+# Trained on the shapes world by `models.shapes_models` and committed under models/weights/.
+TRAINED: dict[str, str] = {"shapes-captioner": "shapes-captioner", "shapes-vae": "shapes-vae"}
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "llava": build_tiny_llava,

@@ -13,22 +13,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from PIL import Image
 from prefect import task
 
 from data.store import Artifact, atomic_path
 from models.diffusion import ddim_sample, ddpm_sample
+from models.ema import EMA
 from models.flow_matching import euler_sample
 from models.tiny import resolve_model
 from models.vae import decode_latents
 from tasks.model_cache import cached_model, pick_device
 from tasks.shards import Progress, publish_markdown, run_logger
-from tasks.train import load_final, step_generator
+from tasks.text import OnlineText
+from tasks.train import CHECKPOINTS, FINAL, checkpoint_dirs, load_final, step_generator, to_vae_latents
 
 if TYPE_CHECKING:
     from flows.config import EvaluateConfig, LatentsConfig
 
 VERSION = 1
+CLASS_PROMPT = "An image of {class_name}"  # the recaption stage's default template
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,23 @@ class PromptItem:
     text: str
     scene: Any = None  # a data.shapes.Scene when the prompt comes from the shapes world
     meta: str | None = None  # GenEval: the prompt's metadata line, verbatim; DPG-Bench: the prompt id
+    reference: bytes | None = None  # held-out captions: the encoded real image the caption describes
 
 
 def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]:
     kind, _, rest = spec.partition(":")
-    if kind == "shapes":
+    if kind in ("shapes", "shapes-class"):
         from data import shapes
 
         scenes = [shapes.scene(i, seed=seed, split=rest) for i in range(num_prompts)]
+        if kind == "shapes-class":  # the template captioner's text for the scene's class
+            return [
+                PromptItem(i, CLASS_PROMPT.format(class_name=s.class_name), s, meta="class")
+                for i, s in enumerate(scenes)
+            ]
         return [PromptItem(i, s.caption, s) for i, s in enumerate(scenes)]
+    if kind == "heldout":
+        return heldout_prompts(Path(rest).expanduser(), num_prompts)
     if kind == "file":
         path = Path(rest).expanduser()
         if not path.is_file():
@@ -70,6 +82,35 @@ def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]
         )
         return [PromptItem(i, f.read_text().strip(), meta=f.stem) for i, f in enumerate(files[:num_prompts])]
     raise ValueError(f"unknown prompt set {spec!r}")
+
+
+def heldout_prompts(folder: Path, num_prompts: int) -> list[PromptItem]:
+    """Captions of held-out images (a `recaption` artifact folder, e.g. of a validation split made with
+    `t2i recaption --set download.split=validation`), each with its real image as the FID reference."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"evaluate.prompts: {folder} is not a complete recaption artifact (no manifest.json); "
+            "pass the folder `t2i status` prints for recaption"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    workspace = folder.parents[1]
+    captions = Artifact(workspace, "recaption", folder.name)
+    images = Artifact(workspace, "download", manifest["inputs"]["images"])
+    items: list[PromptItem] = []
+    for i in range(len(manifest["shards"])):
+        table = captions.read_shard(i, columns=["key", "caption"])
+        pixels = dict(
+            zip(
+                *(images.read_shard(i, columns=["key", "image"])[c].to_pylist() for c in ("key", "image")),
+                strict=True,
+            )
+        )
+        for key, caption in zip(table["key"].to_pylist(), table["caption"].to_pylist(), strict=True):
+            items.append(PromptItem(len(items), caption, meta=key, reference=pixels[key]))
+            if len(items) == num_prompts:
+                return items
+    return items
 
 
 def write_benchmark_layout(
@@ -134,21 +175,104 @@ def _save_png(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def checkpoint_names(spec: list[str], root: Path) -> list[str]:
+    """`final`, `step-NNNNNNNN` names, or `all` (every kept checkpoint, oldest first, then final)."""
+    kept = [p.name for p in checkpoint_dirs(root)]
+    names: list[str] = []
+    for item in spec:
+        for name in [*kept, FINAL] if item == "all" else [item]:
+            if name != FINAL and name not in kept:
+                raise FileNotFoundError(
+                    f"evaluate.checkpoints: {name!r} is not among the kept checkpoints of {root} "
+                    f"({', '.join(kept) or 'none'}); use 'final', 'all' or one of those"
+                )
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def load_checkpoint(root: Path, name: str, device: str, use_ema: bool = True):
+    """The final EMA weights, or a kept checkpoint's EMA (or raw) weights in the same architecture."""
+    model, meta = load_final(root, device=device)
+    if name != FINAL:
+        state = torch.load(root / CHECKPOINTS / name / "state.pt", map_location=device, weights_only=False)
+        if use_ema:
+            _load_ema(model, state["ema"])
+        else:
+            model.load_state_dict(state["model"])
+    return model.eval(), meta
+
+
+def _load_ema(model: torch.nn.Module, ema_state: dict[str, Any]) -> None:
+    ema = EMA(model)
+    ema.load_state_dict(ema_state)
+    ema.copy_to(model)
+
+
+def reference_images(prompts: list[PromptItem], resolution: int) -> list[Image.Image] | None:
+    """The real image behind each prompt (shapes scenes, held-out captions), at the sampling resolution;
+    None when the prompt set has none (GenEval, DPG-Bench, text files): then no FID/KID."""
+    if any(p.reference is None and p.scene is None for p in prompts):
+        return None
+    from data import shapes
+    from data.imaging import center_crop_resize, decode_image
+
+    out = []
+    for p in prompts:
+        if p.reference is not None:
+            out.append(center_crop_resize(decode_image(p.reference), resolution))
+        else:
+            out.append(shapes.render(p.scene).resize((resolution, resolution), Image.Resampling.BICUBIC))
+    return out
+
+
+def image_metrics(
+    cfg: EvaluateConfig,
+    prompts: list[PromptItem],
+    jobs: list[tuple[PromptItem, int]],
+    images: list[Image.Image],
+    reference: list[Image.Image] | None,
+    workspace: Path,
+) -> dict[str, Any]:
+    """Everything computed from one checkpoint's samples: shapes breakdown, FID/KID/IS/PRC, CLIPScore."""
+    metrics: dict[str, Any] = {}
+    if all(p.scene is not None for p in prompts):
+        metrics["shapes"] = shapes_metrics(images, [p.scene for p, _ in jobs], prompts[0].meta == "class")
+    if cfg.feature_extractor != "none" and reference is not None:
+        from tasks.metrics import fidelity_metrics
+
+        metrics["fidelity"] = fidelity_metrics(
+            reference,
+            images,
+            feature_extractor=cfg.feature_extractor,
+            inception_weights=cfg.inception_weights,
+            device=pick_device(cfg.device),
+        )
+    if cfg.clip_model:
+        from tasks.metrics import clip_score
+
+        path = resolve_model(cfg.clip_model, workspace)
+        metrics["clip_score"] = clip_score(
+            images, [p.text for p, _ in jobs], path, device=pick_device(cfg.device)
+        )
+    return metrics
+
+
 @task(name="evaluate")
 def evaluate_checkpoint(
     cfg: EvaluateConfig, latents_cfg: LatentsConfig, artifact: Artifact, checkpoints: Artifact
 ) -> dict[str, Any]:
+    """Sample and score each selected checkpoint; the first is the headline, the rest a comparison table."""
     log = run_logger()
     device = pick_device(cfg.device)
-    model, meta = load_final(checkpoints.root, device=device)
-    text_cfg = meta["text_encoder"]
-    encoder = cached_model(
-        "text",
-        path=resolve_model(text_cfg["encoder"], artifact.workspace),
-        max_length=text_cfg["max_length"],
-        device=device,
-        revision=text_cfg.get("revision"),
-    )
+    if cfg.feature_extractor == "inception":
+        from tasks.metrics import inception_weights_file
+
+        inception_weights_file(cfg.inception_weights)  # fail before sampling, not after
+    names = checkpoint_names(cfg.checkpoints, checkpoints.root)
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    reference = reference_images(prompts, latents_cfg.resolution)
+    jobs = [(p, k) for p in prompts for k in range(cfg.images_per_prompt)]
     vae = cached_model(
         "vae",
         path=resolve_model(latents_cfg.vae, artifact.workspace),
@@ -156,15 +280,62 @@ def evaluate_checkpoint(
         dtype="float32",
         revision=latents_cfg.revision,
     )
-    scale = meta["scale_factor"]
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
-    jobs = [(p, k) for p in prompts for k in range(cfg.images_per_prompt)]
-    image_dir = artifact.root / "images"
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        model, meta = load_checkpoint(checkpoints.root, name, device, cfg.use_ema)
+        image_dir = artifact.root / "images" / (name if len(names) > 1 else "")
+        paths = sample_prompts(cfg, model, meta, vae, jobs, image_dir, artifact.workspace, device, name)
+        images = [Image.open(paths[(p.index, k)]).convert("RGB") for p, k in jobs]
+        results[name] = image_metrics(cfg, prompts, jobs, images, reference, artifact.workspace)
+        if name == names[0]:
+            _save_png(image_grid(images[:64]), artifact.root / "grid.png")
+            layout = write_benchmark_layout(
+                cfg.prompts.partition(":")[0], artifact.root, prompts, paths, cfg.images_per_prompt
+            )
+            if layout is not None:
+                results[name]["benchmark_folder"] = str(layout)
+        log.info(f"[evaluate] {name}: {headline(results[name])}")
+
+    metrics: dict[str, Any] = {
+        "prompts": len(prompts),
+        "images": len(jobs),
+        "prompt_set": cfg.prompts,
+        "checkpoint": names[0],
+        **results[names[0]],
+    }
+    if len(names) > 1:
+        metrics["checkpoints"] = results
+    artifact.write_json("metrics.json", metrics)
+    report = render_report(cfg, metrics, checkpoints)
+    with atomic_path(artifact.root / "report.md") as tmp:
+        tmp.write_text(report)
+    publish_markdown(report, key="evaluate-report", description="Evaluation report")
+    log.info(f"[evaluate] {len(jobs)} images per checkpoint, report: {artifact.root / 'report.md'}")
+    return metrics
+
+
+def sample_prompts(
+    cfg, model, meta, vae, jobs, image_dir: Path, workspace: Path, device: str, name: str
+) -> dict:
+    """Sample every (prompt, k) job in batches; a batch whose images all exist is skipped (resume)."""
+    text_cfg = meta["text_encoder"]
+    text_dtype = text_cfg.get("dtype", "float32")
+    encoder = OnlineText(  # prompts are new text: always encoded here, rounded like the training batches
+        cached_model(
+            "text",
+            path=resolve_model(text_cfg["encoder"], workspace),
+            max_length=text_cfg["max_length"],
+            device=device,
+            dtype=text_dtype,
+            revision=text_cfg.get("revision"),
+        ),
+        text_dtype,
+    )
     image_dir.mkdir(parents=True, exist_ok=True)
-    null_text, null_mask = encoder.encode([""])
+    null_text, null_mask = encoder.encode([None])
     batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
     paths = {(p.index, k): image_dir / f"{p.index:05d}-{k:02d}.png" for p, k in jobs}
-    progress = Progress("evaluate", len(batches))
+    progress = Progress(f"evaluate {name}", len(batches))
     for b, batch in enumerate(batches):
         if all(paths[(p.index, k)].is_file() for p, k in batch):
             progress.advance("(already sampled)")
@@ -175,48 +346,46 @@ def evaluate_checkpoint(
             meta.get("objective", "epsilon"), cfg.sampler, model, shape, text, mask, null_text, null_mask,
             steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=step_generator(cfg.seed, b),
         )  # fmt: skip
-        pixels = decode_latents(vae, z / scale)
+        pixels = decode_latents(vae, to_vae_latents(z, meta["latent_norm"]))
         for (p, k), px in zip(batch, pixels, strict=True):
             _save_png(Image.fromarray(px), paths[(p.index, k)])
         progress.advance(f"({len(batch)} images)")
-
-    images = [Image.open(paths[(p.index, k)]).convert("RGB") for p, k in jobs]
-    _save_png(image_grid(images[:64]), artifact.root / "grid.png")
-    metrics: dict[str, Any] = {"prompts": len(prompts), "images": len(images), "prompt_set": cfg.prompts}
-    layout = write_benchmark_layout(
-        cfg.prompts.partition(":")[0], artifact.root, prompts, paths, cfg.images_per_prompt
-    )
-    if layout is not None:
-        metrics["benchmark_folder"] = str(layout)
-    if all(p.scene is not None for p in prompts):
-        metrics["shapes"] = shapes_metrics(images, [p.scene for p, _ in jobs])
-    artifact.write_json("metrics.json", metrics)
-    report = render_report(cfg, metrics, checkpoints)
-    with atomic_path(artifact.root / "report.md") as tmp:
-        tmp.write_text(report)
-    publish_markdown(report, key="evaluate-report", description="Evaluation report")
-    log.info(f"[evaluate] {len(images)} images, report: {artifact.root / 'report.md'}")
-    return metrics
+    return paths
 
 
-def shapes_metrics(images: list[Image.Image], scenes: list[Any]) -> dict[str, Any]:
+def headline(metrics: dict[str, Any]) -> str:
+    parts = []
+    if "shapes" in metrics:
+        parts.append(f"shapes overall {metrics['shapes']['scores']['overall']:.3f}")
+    if "fidelity" in metrics:
+        f = metrics["fidelity"]
+        parts.append(f"FID ({f['feature_extractor']}) {f['fid']:.2f}, KID {f['kid_mean']:.4f}")
+    if "clip_score" in metrics:
+        parts.append(f"CLIPScore {metrics['clip_score']:.2f}")
+    return ", ".join(parts) or "sampled"
+
+
+def shapes_metrics(
+    images: list[Image.Image], scenes: list[Any], class_prompts: bool = False
+) -> dict[str, Any]:
     """Share of generated images that show what the prompt asked for, per category, against chance."""
     from data import shapes
 
+    score = shapes.score_class_generation if class_prompts else shapes.score_generation
     totals: dict[str, list[float]] = {}
     for image, scene in zip(images, scenes, strict=True):
-        for key, value in shapes.score_generation(image, scene).items():
+        for key, value in score(image, scene).items():
             if value is not None:
                 totals.setdefault(key, []).append(value)
     scores = {k: float(np.mean(v)) for k, v in totals.items()}
-    return {"scores": scores, "chance": shapes.chance_levels(n=500)}
+    return {"scores": scores, "chance": shapes.chance_levels(n=500, class_prompts=class_prompts)}
 
 
 def render_report(cfg: EvaluateConfig, metrics: dict[str, Any], checkpoints: Artifact) -> str:
     lines = [
         "# Evaluation",
         "",
-        f"- checkpoint: `{checkpoints.root}`",
+        f"- checkpoint: `{checkpoints.root}` ({metrics['checkpoint']})",
         f"- prompts: `{cfg.prompts}` ({metrics['prompts']} prompts, {cfg.images_per_prompt} image(s) each)",
         f"- sampler: {cfg.sampler}, {cfg.steps} steps, guidance {cfg.guidance_scale}, seed {cfg.seed}",
         "",
@@ -227,5 +396,46 @@ def render_report(cfg: EvaluateConfig, metrics: dict[str, Any], checkpoints: Art
         for key in scores:
             lines.append(f"| {key} | {scores[key]:.3f} | {chance.get(key, float('nan')):.3f} |")
         lines.append("")
+    if "fidelity" in metrics or "clip_score" in metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {value} |" for name, value in fidelity_rows(metrics)]
+        if "fidelity" in metrics:
+            lines += ["", f"_{metrics['fidelity']['note']}_"]
+        lines.append("")
+    if "checkpoints" in metrics:
+        lines += comparison_table(metrics["checkpoints"]) + [""]
     lines += ["![samples](grid.png)", ""]
     return "\n".join(lines)
+
+
+def fidelity_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    if f := metrics.get("fidelity"):
+        rows += [
+            (f"FID ({f['feature_extractor']})", f"{f['fid']:.3f}"),
+            ("KID", f"{f['kid_mean']:.4f} ± {f['kid_std']:.4f}"),
+            ("precision / recall", f"{f['precision']:.3f} / {f['recall']:.3f}"),
+        ]
+        if "isc_mean" in f:
+            rows.append(("Inception Score", f"{f['isc_mean']:.2f} ± {f['isc_std']:.2f}"))
+    if "clip_score" in metrics:
+        rows.append(("CLIPScore", f"{metrics['clip_score']:.2f}"))
+    return rows
+
+
+def comparison_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per checkpoint: the shapes overall score and the fidelity/CLIP numbers that exist."""
+    columns: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
+    for name, m in results.items():
+        row = {}
+        if "shapes" in m:
+            row["shapes overall"] = f"{m['shapes']['scores']['overall']:.3f}"
+        row.update(dict(fidelity_rows(m)))
+        rows[name] = row
+        columns += [c for c in row if c not in columns]
+    lines = ["| checkpoint | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [
+        f"| {name} | " + " | ".join(row.get(c, "") for c in columns) + " |" for name, row in rows.items()
+    ]
+    return lines

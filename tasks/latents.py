@@ -60,24 +60,70 @@ def latents_shard(cfg: LatentsConfig, artifact: Artifact, index: int, images: Ar
 
 
 def latent_statistics(artifact: Artifact, num_shards: int, max_rows: int = 4096) -> dict:
-    """Mean/std of sampled latents over (up to) the first rows: what 'auto' latent scaling uses."""
-    total, total_sq, count = 0.0, 0.0, 0
+    """Mean/std of sampled latents over (up to) the first rows, overall and per channel: what 'auto'
+    latent normalisation uses."""
     rng = np.random.default_rng(0)
-    shape = None
+    samples, shape = [], None
     for i in range(num_shards):
         table = artifact.read_shard(i)
         shape = json.loads(table.schema.metadata[SHAPE_META_KEY])
         for mean_b, std_b in zip(table["mean"].to_pylist(), table["std"].to_pylist(), strict=True):
-            mean = np.frombuffer(mean_b, np.float16).astype(np.float64)
-            std = np.frombuffer(std_b, np.float16).astype(np.float64)
-            z = mean + std * rng.standard_normal(mean.shape)
-            total += z.sum()
-            total_sq += (z**2).sum()
-            count += z.size
-            if count >= max_rows * z.size:
+            mean = np.frombuffer(mean_b, np.float16).astype(np.float64).reshape(shape)
+            std = np.frombuffer(std_b, np.float16).astype(np.float64).reshape(shape)
+            samples.append(mean + std * rng.standard_normal(mean.shape))
+            if len(samples) >= max_rows:
                 break
-        if count >= max_rows * (np.prod(shape) if shape else 1):
+        if len(samples) >= max_rows:
             break
-    mu = total / max(count, 1)
-    sigma = float(np.sqrt(max(total_sq / max(count, 1) - mu**2, 1e-12)))
-    return {"latent_shape": shape, "latent_mean": float(mu), "latent_std": sigma}
+    if not samples:
+        return {"latent_shape": shape}
+    z = np.stack(samples)
+    return {
+        "latent_shape": shape,
+        "latent_mean": float(z.mean()),
+        "latent_std": float(z.std()),
+        "channel_mean": z.mean(axis=(0, 2, 3)).tolist(),
+        "channel_std": np.maximum(z.std(axis=(0, 2, 3)), 1e-6).tolist(),
+    }
+
+
+def reconstruction_quality(
+    cfg: LatentsConfig, artifact: Artifact, images: Artifact, num_shards: int, max_images: int = 256
+) -> dict:
+    """How much the VAE keeps: PSNR of decoded posterior means against the pixels that were encoded, over
+    (up to) the first `max_images` images, and, where the source is the shapes world, the shapes scorer's
+    overall score on the decoded images (1.0 = every object still readable with the right attributes)."""
+    import torch
+    from PIL import Image
+
+    from data import shapes
+    from models.shapes_models import psnr
+    from models.vae import decode_latents
+
+    vae = load_vae_for(cfg, artifact)
+    decoded, truth, scores = [], [], []
+    for i in range(num_shards):
+        table = artifact.read_shard(i)
+        shape = json.loads(table.schema.metadata[SHAPE_META_KEY])
+        rows = {r["key"]: r for r in images.read_shard(i, columns=["key", "image", "attributes"]).to_pylist()}
+        keys = table["key"].to_pylist()[: max_images - len(truth)]
+        means = [np.frombuffer(b, np.float16).reshape(shape) for b in table["mean"].to_pylist()[: len(keys)]]
+        for start in range(0, len(keys), cfg.batch_size):
+            batch = torch.from_numpy(np.stack(means[start : start + cfg.batch_size]).astype(np.float32))
+            decoded.extend(decode_latents(vae, batch))
+        for key, pixels in zip(keys, decoded[len(truth) :], strict=True):
+            truth.append(np.asarray(center_crop_resize(decode_image(rows[key]["image"]), cfg.resolution)))
+            scene = shapes.Scene.from_attributes(json.loads(rows[key]["attributes"] or "{}"))
+            if scene is not None:
+                image = Image.fromarray(pixels)
+                if image.size != (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE):
+                    image = image.resize((shapes.IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR)
+                scores.append(shapes.score_generation(image, scene)["overall"])
+        if len(truth) >= max_images:
+            break
+    if not truth:
+        return {}
+    result = {"images": len(truth), "psnr": psnr(np.stack(decoded), np.stack(truth))}
+    if scores:
+        result["shapes_score"] = float(np.mean(scores))
+    return result

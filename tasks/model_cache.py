@@ -59,7 +59,11 @@ def _cached(kind: str, key: str) -> Any:
         from models.text_encoder import TextEncoder
 
         return TextEncoder(
-            spec["path"], max_length=spec["max_length"], device=spec["device"], revision=spec["revision"]
+            spec["path"],
+            max_length=spec["max_length"],
+            device=spec["device"],
+            dtype=spec.get("dtype", "float32"),
+            revision=spec["revision"],
         )
     raise ValueError(kind)
 

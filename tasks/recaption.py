@@ -273,8 +273,45 @@ def run_worker(
 # --- the stage summary ------------------------------------------------------------------------------------
 
 
-def caption_summary(artifact: Artifact, num_shards: int, cfg: RecaptionConfig) -> dict:
-    """Manifest summary: model and sampling, truncated captions, caption lengths, throughput."""
+def ground_truth_accuracy(captions: Artifact, images: Artifact, num_shards: int) -> dict | None:
+    """Captions graded against the source's ground truth, where it has one (the shapes world does).
+
+    Shapes scenes are graded per attribute (`data.shapes.caption_scores`); other ground-truth captions by
+    exact word match. None when no image has ground truth (ImageNet).
+    """
+    from data import shapes
+
+    totals: dict[str, float] = {}
+    graded = 0
+    for i in range(num_shards):
+        truth = {
+            row["key"]: row
+            for row in images.read_shard(i, columns=["key", "caption_gt", "attributes"]).to_pylist()
+            if row["caption_gt"]
+        }
+        if not truth:
+            continue
+        table = captions.read_shard(i, columns=["key", "caption"])
+        for key, caption in zip(table["key"].to_pylist(), table["caption"].to_pylist(), strict=True):
+            if key not in truth:
+                continue
+            row = truth[key]
+            scene = shapes.Scene.from_attributes(json.loads(row["attributes"] or "{}"))
+            if scene is not None:
+                scores = shapes.caption_scores(caption, scene)
+            else:
+                scores = {"exact": float(shapes.words(caption) == shapes.words(row["caption_gt"]))}
+            for name, value in scores.items():
+                totals[name] = totals.get(name, 0.0) + value
+            graded += 1
+    if not graded:
+        return None
+    return {"images": graded, **{name: value / graded for name, value in totals.items()}}
+
+
+def caption_summary(artifact: Artifact, num_shards: int, cfg: RecaptionConfig, images: Artifact) -> dict:
+    """Manifest summary: model and sampling, truncated captions, caption lengths, throughput, and the
+    accuracy against ground truth where the source has it."""
     words, truncated, total, seconds = [], 0, 0, 0.0
     for i in range(num_shards):
         table = artifact.read_shard(i, columns=["caption", "finish_reason"])
@@ -300,6 +337,7 @@ def caption_summary(artifact: Artifact, num_shards: int, cfg: RecaptionConfig) -
             **{f"p{q}": float(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95)},
         },
         "images_per_second_per_engine": total / seconds if seconds > 0 else None,
+        "ground_truth": ground_truth_accuracy(artifact, images, num_shards),
     }
     return summary
 
@@ -319,4 +357,14 @@ def summary_markdown(manifest: dict) -> str:
         f"| images per second per engine | {rate:.1f} |" if rate else "| images per second | n/a |",
         f"| path | `{manifest.get('path', '')}` |",
     ]
+    truth = manifest.get("ground_truth")
+    if truth:
+        lines += [
+            "",
+            f"Against ground truth ({truth['images']} images):",
+            "",
+            "| | share correct |",
+            "|---|---|",
+        ]
+        lines += [f"| {name} | {100 * truth[name]:.1f}% |" for name in truth if name != "images"]
     return "\n".join(lines) + "\n"

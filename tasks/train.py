@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,10 +29,10 @@ from models.diffusion import EpsilonObjective
 from models.dit import DiT, DiTConfig, build_dit, count_parameters
 from models.ema import EMA
 from models.flow_matching import RectifiedFlowObjective
-from models.tiny import resolve_model
 from tasks.latents import SHAPE_META_KEY
 from tasks.model_cache import cached_model, pick_device
 from tasks.shards import publish_markdown, run_logger
+from tasks.text import text_conditioning
 
 if TYPE_CHECKING:
     from flows.config import TextConfig, TrainConfig
@@ -85,6 +86,27 @@ def load_train_data(latents: Artifact, captions: Artifact, num_shards: int) -> T
     if not keys:
         raise RuntimeError("no training samples: latents and captions share no keys")
     return TrainData(keys, torch.from_numpy(np.stack(means)), torch.from_numpy(np.stack(stds)), texts)
+
+
+LatentNorm = dict[str, list[float]] | float  # {"shift": [C], "scale": [C]}, or one scale with no shift
+
+
+def latent_norm_tensors(norm: LatentNorm, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) shaped (1, C, 1, 1): the model sees (z − shift) × scale."""
+    if not isinstance(norm, dict):
+        norm = {"shift": [0.0] * channels, "scale": [float(norm)] * channels}
+    shift, scale = (
+        torch.tensor(norm[k], dtype=torch.float32).reshape(1, -1, 1, 1) for k in ("shift", "scale")
+    )
+    if shift.shape[1] != channels or scale.shape[1] != channels:
+        raise ValueError(f"latent normalisation has {shift.shape[1]} channels, the latents {channels}")
+    return shift, scale
+
+
+def to_vae_latents(z: torch.Tensor, norm: LatentNorm) -> torch.Tensor:
+    """Model-space latents back to what the VAE decodes."""
+    shift, scale = latent_norm_tensors(norm, z.shape[1])
+    return z / scale.to(z.device) + shift.to(z.device)
 
 
 def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
@@ -184,9 +206,18 @@ class SamplePreview:
     `samples/`, the TensorBoard image, and a Prefect markdown artifact pointing at the file."""
 
     def __init__(
-        self, root: Path, vae_path: str, prompts: list[str], encoder, latent_shape, scale, cfg, build
+        self,
+        root: Path,
+        vae_path: str,
+        prompts: list[str],
+        keys: list[str],
+        texts,
+        latent_shape,
+        scale,
+        cfg,
+        build,
     ):
-        self.root, self.vae_path, self.prompts, self.encoder = root, vae_path, prompts, encoder
+        self.root, self.vae_path, self.prompts, self.keys, self.texts = root, vae_path, prompts, keys, texts
         self.latent_shape, self.scale, self.cfg, self.build = tuple(latent_shape), scale, cfg, build
 
     def sample(self, ema: EMA, step: int):
@@ -200,14 +231,14 @@ class SamplePreview:
         model = self.build()
         ema.copy_to(model)
         model.eval()
-        text, mask = self.encoder.encode(self.prompts)
-        null_text, null_mask = self.encoder.encode([""])
+        text, mask = self.texts.encode(self.prompts, self.keys)
+        null_text, null_mask = self.texts.encode([None], [None])
         sampler = ddim_sample if self.cfg.objective == "epsilon" else euler_sample
         z = sampler(
             model, (len(self.prompts), *self.latent_shape), text.cpu(), mask.cpu(), null_text.cpu(), null_mask.cpu(),
             steps=20, guidance_scale=3.0, generator=torch.Generator().manual_seed(self.cfg.seed),
         )  # fmt: skip
-        pixels = decode_latents(vae, z / self.scale)
+        pixels = decode_latents(vae, to_vae_latents(z, self.scale))
         cell = 128
         grid = Image.new("RGB", (cell * len(pixels), cell))
         for i, px in enumerate(pixels):
@@ -233,15 +264,17 @@ def train_denoiser(
     latents: Artifact,
     captions: Artifact,
     num_shards: int,
-    scale_factor: float,
+    scale_factor: LatentNorm,
     stop_after: int | None = None,
     composites: tuple[Artifact, Artifact, int] | None = None,
     vae_path: str | None = None,
+    text_embeddings: Sequence[Artifact] = (),
 ) -> dict[str, Any]:
     """Train to `cfg.steps` (or stop after step `stop_after`, for tests), resuming from the newest checkpoint.
 
     `composites` (latents, captions, shard count) is the CutMix stream: a composite replaces a sample when
-    its t > cutmix_threshold and a coin with probability cutmix_p says so.
+    its t > cutmix_threshold and a coin with probability cutmix_p says so. `text_embeddings` are the
+    precomputed text artifacts (images', then composites') when `text.mode` is precomputed.
     """
     from accelerate import Accelerator
 
@@ -261,17 +294,14 @@ def train_denoiser(
     data = load_train_data(latents, captions, num_shards)
     if composites is not None:
         composites = load_train_data(*composites)
-    encoder = cached_model(
-        "text",
-        path=resolve_model(text_cfg.encoder, artifact.workspace),
-        max_length=text_cfg.max_length,
-        device=str(accelerator.device),
-        revision=text_cfg.revision,
+    texts = text_conditioning(
+        text_cfg, artifact.workspace, str(accelerator.device), text_embeddings, num_shards
     )
     channels, height, width = data.mean.shape[1:]
+    shift, scale = latent_norm_tensors(scale_factor, channels)
     torch.manual_seed(cfg.seed)
     model = build_denoiser(
-        cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim
+        cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=texts.dim
     )
     ema = EMA(model, decay=cfg.ema_decay)
     optimizer = make_optimizer(model, cfg)
@@ -290,7 +320,7 @@ def train_denoiser(
     else:
         log.info(
             f"[train] {cfg.model}-{cfg.size}: {count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
-            f"latents {channels}×{height}×{width}, scale {scale_factor:.5f}"
+            f"latents {channels}×{height}×{width}, normalised by {scale_factor}"
         )
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = EpsilonObjective() if cfg.objective == "epsilon" else RectifiedFlowObjective()
@@ -303,9 +333,10 @@ def train_denoiser(
 
         writer = SummaryWriter(str(root / "tensorboard"))
     preview = (
-        SamplePreview(root, vae_path, data.captions[: cfg.sample_prompts], encoder, data.mean.shape[1:], scale_factor,
+        SamplePreview(root, vae_path, data.captions[: cfg.sample_prompts], data.keys[: cfg.sample_prompts], texts,
+                      data.mean.shape[1:], scale_factor,
                       cfg, build=lambda: build_denoiser(cfg.model, cfg.size, latent_channels=channels,
-                                                        latent_size=height, text_dim=encoder.dim))
+                                                        latent_size=height, text_dim=texts.dim))
         if vae_path and cfg.sample_prompts
         else None
     )  # fmt: skip
@@ -331,6 +362,7 @@ def train_denoiser(
             drawn += len(idx)
             mean, std = data.mean[idx].float(), data.std[idx].float()
             captions_b = [data.captions[i] for i in idx.tolist()]
+            keys_b = [data.keys[i] for i in idx.tolist()]
             t = objective.sample_t(len(idx), generator=g)
             if composites is not None:  # CutMix: latent and caption swapped together, only at t > threshold
                 gate = cutmix_gate(t, g, cfg.cutmix_threshold, cfg.cutmix_p)
@@ -339,15 +371,15 @@ def train_denoiser(
                 for j in gate.nonzero().flatten().tolist():
                     c = int(pick[j])
                     mean[j], std[j] = composites.mean[c].float(), composites.std[c].float()
-                    captions_b[j] = composites.captions[c]
-            z = (mean + std * torch.randn(mean.shape, generator=g)) * scale_factor
+                    captions_b[j], keys_b[j] = composites.captions[c], composites.keys[c]
+            z = (mean + std * torch.randn(mean.shape, generator=g) - shift) * scale
             if cfg.latent_crop:
                 z = random_latent_crop(z, cfg.latent_crop, g)
             drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
             t_text = time.perf_counter()
             timing["data"] += t_text - t_data
-            text, mask = encoder.encode(
-                ["" if d else c for c, d in zip(captions_b, drop.tolist(), strict=True)]
+            text, mask = texts.encode(
+                [None if d else c for c, d in zip(captions_b, drop.tolist(), strict=True)], keys_b
             )
             eps = torch.randn(z.shape, generator=g)
             timing["text"] += time.perf_counter() - t_text
@@ -440,7 +472,7 @@ def train_denoiser(
     }
     if step >= cfg.steps and accelerator.is_main_process:
         final_model = build_denoiser(
-            cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=encoder.dim
+            cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=texts.dim
         )
         ema.copy_to(final_model)
         meta = {
@@ -448,7 +480,7 @@ def train_denoiser(
             "model_config": asdict(final_model.config),
             "objective": cfg.objective,
             "text_encoder": text_cfg.model_dump(mode="json"),
-            "scale_factor": scale_factor,
+            "latent_norm": scale_factor,
             "latent_shape": [channels, height, width],
             "ema_decay": cfg.ema_decay,
             "steps": step,
@@ -465,10 +497,11 @@ def launch_distributed(
     latents: Artifact,
     captions: Artifact,
     num_shards: int,
-    scale_factor: float,
+    scale_factor: LatentNorm,
     processes: int,
     vae_path: str | None = None,
     composites: tuple[Artifact, Artifact, int] | None = None,
+    text_embeddings: Sequence[Artifact] = (),
 ) -> dict[str, Any]:
     """Run the same training loop as `processes` DDP processes (torchrun, gloo on CPU / NCCL on GPU).
 
@@ -489,18 +522,34 @@ def launch_distributed(
         "scale_factor": scale_factor,
         "vae_path": vae_path,
         "composites": [composites[0].ref(), composites[1].ref(), composites[2]] if composites else None,
+        "text_embeddings": [a.ref() for a in text_embeddings],
     }
-    spec_path = artifact.write_json("launch.json", spec)
+    spec_path = artifact.write_json(f"launch-node{cfg.node_rank}.json", spec)
     result_path = artifact.root / "result.json"
-    result_path.unlink(missing_ok=True)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "flows.train_worker", str(spec_path),
-    ]  # fmt: skip
-    log.info(f"[train] launching {processes} processes: {' '.join(cmd[2:])}")
+    if cfg.node_rank == 0:
+        result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, processes)]
+    cmd += ["-m", "flows.train_worker", str(spec_path)]
+    log.info(f"[train] launching {processes} processes on node {cfg.node_rank}: {' '.join(cmd[2:])}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         log.info(line.rstrip())
     if proc.wait() != 0:
         raise RuntimeError(f"train: the distributed job exited with {proc.returncode} (see the log above)")
+    if cfg.node_rank != 0:  # global rank 0 (on node 0) writes the result and the checkpoints
+        return {"node_rank": cfg.node_rank, "processes": processes * cfg.nodes}
     return json.loads(result_path.read_text())
+
+
+def torchrun_args(cfg: TrainConfig, processes: int) -> list[str]:
+    """One machine: a standalone rendezvous. Several: every node meets node 0 at master_addr:master_port
+    (static ranks, so a restarted job gets the same ranks and resumes from the same checkpoint)."""
+    if cfg.nodes == 1:
+        return ["--standalone", f"--nproc_per_node={processes}"]
+    return [
+        f"--nnodes={cfg.nodes}",
+        f"--node_rank={cfg.node_rank}",
+        f"--nproc_per_node={processes}",
+        f"--master_addr={cfg.master_addr}",
+        f"--master_port={cfg.master_port}",
+    ]

@@ -15,7 +15,7 @@ from flows.plan import Plan
 from tests.conftest import T2I
 
 PREFECT = str(Path(T2I).with_name("prefect"))
-FLOWS = ["cutmix", "download", "evaluate", "latents", "pipeline", "recaption", "train"]
+FLOWS = ["ablation", "cutmix", "download", "evaluate", "latents", "pipeline", "recaption", "train"]
 
 
 def _api(url: str, path: str, body: dict | None = None):

@@ -92,3 +92,58 @@ def test_dpg_bench_writes_a_2x2_grid_per_prompt_named_by_id(trained):
     out = Path(evaluate_flow(cfg)["metrics"]["benchmark_folder"])
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
     assert Image.open(out / "0.png").size == (128, 128)
+
+
+def test_heldout_captions_are_prompts_and_their_images_the_fid_reference(trained):
+    from flows.evaluate import evaluate_flow
+    from flows.plan import Plan
+
+    base, workspace = trained
+    captions = Plan(load_config("tiny", base, str(workspace))).captions.root  # stands in for a held-out split
+    cfg = load_config(
+        "tiny", [*base, f"evaluate.prompts=heldout:{captions}", "evaluate.num_prompts=12"], str(workspace)
+    )
+    metrics = evaluate_flow(cfg)["metrics"]
+    assert metrics["prompts"] == 12 and "shapes" not in metrics
+    fidelity = metrics["fidelity"]
+    assert fidelity["feature_extractor"] == "small" and fidelity["num_real"] == fidelity["num_fake"] == 12
+    assert fidelity["fid"] > 0 and 0 <= fidelity["precision"] <= 1
+    report = (Plan(cfg).evaluation.root / "report.md").read_text()
+    assert "FID (small)" in report and "not Inception" in report
+
+
+def test_several_checkpoints_get_a_comparison_table(trained):
+    from flows.evaluate import evaluate_flow
+    from flows.plan import Plan
+
+    base, workspace = trained
+    cfg = load_config("tiny", [*base, "evaluate.checkpoints=[all]", "evaluate.num_prompts=8"], str(workspace))
+    metrics = evaluate_flow(cfg)["metrics"]
+    assert (
+        list(metrics["checkpoints"]) == ["step-00000002", "final"]
+        and metrics["checkpoint"] == "step-00000002"
+    )
+    for name, m in metrics["checkpoints"].items():
+        assert "overall" in m["shapes"]["scores"] and m["fidelity"]["num_fake"] == 8, name
+        assert len(list((Plan(cfg).evaluation.root / "images" / name).glob("*.png"))) == 8
+    report = (Plan(cfg).evaluation.root / "report.md").read_text()
+    assert "| checkpoint | shapes overall | FID (small) |" in report
+    assert "| step-00000002 |" in report and "| final |" in report
+
+
+def test_bad_checkpoint_names_and_a_missing_inception_file_fail_before_sampling(trained):
+    from flows.evaluate import evaluate_flow
+    from flows.plan import Plan
+
+    base, workspace = trained
+    cfg = load_config("tiny", [*base, "evaluate.checkpoints=[step-00000099]"], str(workspace))
+    with pytest.raises(FileNotFoundError, match="step-00000099.*step-00000002"):
+        evaluate_flow(cfg)
+    cfg = load_config(
+        "tiny",
+        [*base, "evaluate.feature_extractor=inception", f"evaluate.inception_weights={workspace}/none.pth"],
+        str(workspace),
+    )
+    with pytest.raises(FileNotFoundError, match="evaluate.inception_weights"):
+        evaluate_flow(cfg)
+    assert not list((Plan(cfg).evaluation.root / "images").glob("*.png"))

@@ -10,6 +10,7 @@ from flows.config import load_config
 from flows.download import download_flow
 from flows.latents import latents_flow
 from flows.plan import Plan
+from models.tiny import resolve_model
 from models.vae import decode_latents, load_vae
 from tasks.latents import SHAPE_META_KEY
 
@@ -27,7 +28,7 @@ def test_latents_store_posterior_mean_and_std(prefect_harness, workspace):
     assert json.loads(table.schema.metadata[SHAPE_META_KEY]) == [4, 16, 16]
     assert table["key"].to_pylist() == plan.images.read_shard(2)["key"].to_pylist()
 
-    vae = load_vae(str(workspace / "models" / "tiny-vae-v1"))
+    vae = load_vae(resolve_model(cfg.latents.vae, workspace))
     image = decode_image(plan.images.read_shard(2)["image"][0].as_py())
     x = torch.from_numpy(to_tensor_range(center_crop_resize(image, 64)))[None]
     with torch.no_grad():
@@ -50,3 +51,22 @@ def test_changing_resolution_lands_in_a_new_artifact_and_keeps_the_old(prefect_h
     pa_, pb = Plan(a).latents, Plan(b).latents
     assert pa_.root != pb.root and pa_.is_complete() and pb.is_complete()
     assert pb.read_manifest()["latent_shape"] == [4, 8, 8]
+
+
+def test_manifest_reports_reconstruction_quality_of_the_trained_vae(prefect_harness, workspace):
+    cfg = load_config("tiny", ["cutmix.enabled=false", "download.max_images=64"], str(workspace))
+    download_flow(cfg)
+    latents_flow(cfg)
+    quality = Plan(cfg).latents.read_manifest()["reconstruction"]
+    assert quality["images"] == 64 and quality["psnr"] > 25
+    assert quality["shapes_score"] >= 0.95  # every object still readable, with its attributes
+
+
+def test_reconstruction_quality_tells_a_random_vae_from_the_trained_one(prefect_harness, workspace):
+    cfg = load_config(
+        "tiny", ["cutmix.enabled=false", "download.max_images=32", "latents.vae=tiny:vae"], str(workspace)
+    )
+    download_flow(cfg)
+    latents_flow(cfg)
+    quality = Plan(cfg).latents.read_manifest()["reconstruction"]
+    assert quality["psnr"] < 15 and quality["shapes_score"] < 0.2

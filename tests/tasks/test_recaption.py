@@ -15,7 +15,13 @@ from flows.download import download_flow
 from flows.plan import Plan
 from flows.recaption import recaption_flow
 from models.captioners import Caption, TransformersCaptioner, postprocess_caption
-from tasks.recaption import caption_isolating_failures, caption_shard, load_captioner, part_shards
+from tasks.recaption import (
+    caption_isolating_failures,
+    caption_shard,
+    load_captioner,
+    part_shards,
+    summary_markdown,
+)
 
 PROMPTS = {"caption": "describe the image"}
 
@@ -124,6 +130,7 @@ def test_recaption_stage_aligns_with_image_shards_with_several_prompts(prefect_h
         "cutmix.enabled=false",
         "download.max_images=40",
         "download.shard_size=16",
+        "recaption.model=tiny:llava",  # random weights: every caption runs to max_new_tokens
         "recaption.max_new_tokens=8",
         "recaption.extra_prompts={short: 'describe the image in a few words'}",
     ]
@@ -144,6 +151,31 @@ def test_recaption_stage_aligns_with_image_shards_with_several_prompts(prefect_h
         assert shard["key"].to_pylist() == plan.images.read_shard(i)["key"].to_pylist()
         assert set(shard["tokens"].to_pylist()) == {8}
         assert shard.column_names[-1] == "caption_short" and None not in shard["caption_short"].to_pylist()
+
+
+def test_trained_captioner_through_vllm_matches_the_ground_truth(prefect_harness, workspace):
+    """The tiny preset's captioner, served by the real engine, graded against the shapes world's truth."""
+    cfg = load_config("tiny", ["cutmix.enabled=false", "download.max_images=128"], str(workspace))
+    download_flow(cfg)
+    summary = recaption_flow(cfg)
+    truth = summary["ground_truth"]
+    assert truth["images"] == 128 and truth["exact"] >= 0.95
+    assert min(truth[k] for k in ("count", "colour", "shape", "size", "position")) >= 0.95
+    manifest = Plan(cfg).captions.read_manifest()
+    assert manifest["ground_truth"] == truth and manifest["truncated"] == 0
+    assert "Against ground truth (128 images)" in summary_markdown(manifest)
+
+
+def test_ground_truth_grading_is_real(prefect_harness, workspace):
+    """Class-name captions share no phrase with the scenes' captions: graded, they score zero exact."""
+    cfg = load_config(
+        "tiny",
+        ["cutmix.enabled=false", "download.max_images=16", "recaption.backend=template"],
+        str(workspace),
+    )
+    download_flow(cfg)
+    truth = recaption_flow(cfg)["ground_truth"]
+    assert truth["images"] == 16 and truth["exact"] == 0.0 and truth["position"] == 0.0
 
 
 def test_template_backend_writes_class_name_captions(prefect_harness, workspace):

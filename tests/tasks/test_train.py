@@ -12,7 +12,16 @@ from flows.latents import latents_flow
 from flows.plan import Plan
 from flows.recaption import recaption_flow
 from flows.train import resolve_scale_factor, train_flow
-from tasks.train import NonFiniteLoss, batch_indices, checkpoint_dirs, load_final, lr_factor, train_denoiser
+from tasks.text import OnlineText, PrecomputedText, load_encoder
+from tasks.train import (
+    NonFiniteLoss,
+    batch_indices,
+    checkpoint_dirs,
+    load_final,
+    load_train_data,
+    lr_factor,
+    train_denoiser,
+)
 
 OVERRIDES = [
     "cutmix.enabled=false",
@@ -38,6 +47,7 @@ def data_workspace(prefect_harness, workspace):
 
 def _run(cfg, stop_after=None):
     plan = Plan(cfg)
+    text = plan.text_of(plan.captions)
     return train_denoiser.fn(
         cfg.train,
         cfg.text,
@@ -47,6 +57,7 @@ def _run(cfg, stop_after=None):
         plan.num_shards,
         resolve_scale_factor(cfg, plan),
         stop_after=stop_after,
+        text_embeddings=[text] if text is not None else [],
     )
 
 
@@ -75,7 +86,9 @@ def test_train_flow_writes_manifest_and_final_weights(data_workspace):
     summary = train_flow(cfg)
     manifest = Plan(cfg).checkpoints.read_manifest()
     assert summary["step"] == 6 and manifest["step"] == 6 and manifest["samples"] == 48
-    assert manifest["scale_factor"] == pytest.approx(1 / Plan(cfg).latents.read_manifest()["latent_std"])
+    stats = Plan(cfg).latents.read_manifest()  # 'auto': each channel to zero mean, unit variance
+    assert manifest["latent_norm"]["shift"] == pytest.approx(stats["channel_mean"])
+    assert manifest["latent_norm"]["scale"] == pytest.approx([1 / s for s in stats["channel_std"]])
     model, meta = load_final(Plan(cfg).checkpoints.root)
     assert meta["latent_shape"] == [4, 16, 16] and meta["text_encoder"]["encoder"] == "tiny:t5"
     root = Plan(cfg).checkpoints.root
@@ -166,3 +179,32 @@ def test_cad_with_self_conditioning_trains_resumes_and_samples(data_workspace, t
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) <= 1e-6
     train_flow(straight)
     assert evaluate_flow(straight)["metrics"]["images"] == 4
+
+
+def test_precomputed_text_feeds_the_same_batches_as_the_online_encoder(data_workspace, tmp_path):
+    online = load_config("tiny", OVERRIDES, str(data_workspace))
+    stored = load_config("tiny", [*OVERRIDES, "text.mode=precomputed"], str(data_workspace))
+    summary = latents_flow(stored)
+    plan = Plan(stored)
+    text = plan.text_of(plan.captions)
+    assert summary["skipped"] is True  # the latents are shared with the online config ...
+    assert summary["text"]["complete"] and text.read_manifest()["rows"] == 48  # ... only text was added
+    assert [row[0] for row in plan.artifacts()].count("text embeddings") == 1
+
+    data = load_train_data(plan.latents, plan.captions, plan.num_shards)
+    picks = [0, 5, 9, 17, 30, 47]
+    captions = [None if i == 9 else data.captions[i] for i in picks]  # 9: dropped to the empty text (CFG)
+    keys = [data.keys[i] for i in picks]
+    a, mask_a = OnlineText(load_encoder(online.text, data_workspace, "cpu"), "float32").encode(captions, keys)
+    b, mask_b = PrecomputedText([text], plan.num_shards).encode(captions, keys)
+    assert torch.equal(mask_a, mask_b) and a.shape == b.shape
+    assert (a - b).abs().max().item() <= 1e-5  # float32 reduction order inside T5 only
+
+    other = tmp_path / "other"
+    shutil.copytree(data_workspace, other)
+    stored_other = load_config("tiny", [*OVERRIDES, "text.mode=precomputed"], str(other))
+    _run(online)
+    _run(stored_other)
+    a_state = load_final(Plan(online).checkpoints.root)[0].state_dict()
+    b_state = load_final(Plan(stored_other).checkpoints.root)[0].state_dict()
+    assert max((a_state[k] - b_state[k]).abs().max().item() for k in a_state) <= 1e-4

@@ -52,3 +52,60 @@ def test_batch_must_split_evenly_over_processes_and_micro_batches(prefect_harnes
         ValueError, match=r"train.batch_size 6 is not divisible by 1 processes × 4 accumulation steps"
     ):
         train_flow(cfg)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(prefect_harness, workspace, tmp_path):
+    """The multi-node launch (static rendezvous at master_addr:port), run as two "nodes" on this machine."""
+    import shutil
+    import threading
+
+    from flows.train import resolve_scale_factor
+    from tasks.train import launch_distributed
+
+    cfg = load_config("tiny", OVERRIDES, str(workspace))
+    download_flow(cfg)
+    recaption_flow(cfg)
+    latents_flow(cfg)
+    other = tmp_path / "other"
+    shutil.copytree(workspace, other)
+    train_flow(cfg)  # one node, two processes
+
+    port = _free_port()
+    results: dict[int, dict] = {}
+
+    def node(rank: int) -> None:
+        node_cfg = load_config(
+            "tiny",
+            [
+                *OVERRIDES,
+                "train.processes=1",
+                "train.nodes=2",
+                f"train.node_rank={rank}",
+                f"train.master_port={port}",
+            ],
+            str(other),
+        )
+        plan = Plan(node_cfg)
+        results[rank] = launch_distributed.fn(
+            node_cfg.train, node_cfg.text, plan.checkpoints, plan.latents, plan.captions, plan.num_shards,
+            resolve_scale_factor(node_cfg, plan), 1,
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert results[0]["processes"] == 2 and results[0]["global_batch"] == 8 and results[0]["step"] == 4
+    assert results[1] == {"node_rank": 1, "processes": 2}
+    one_node = load_final(Plan(cfg).checkpoints.root)[0].state_dict()
+    two_nodes = load_final(Plan(load_config("tiny", OVERRIDES, str(other))).checkpoints.root)[0].state_dict()
+    assert all(torch.equal(one_node[k], two_nodes[k]) for k in one_node)

@@ -1,0 +1,133 @@
+"""Text conditioning, online or precomputed, behind one interface that gives the denoiser identical batches.
+
+* online: the frozen T5 encoder runs in the training process on each batch's captions;
+* precomputed: the `latents` stage encodes every caption once into a `text` artifact (one Parquet shard per
+  captions shard: the unpadded last hidden state per key, in `text.dtype`), and training pads stored rows.
+
+Both modes pad to the batch's longest caption, zero the padding, and round embeddings to `text.dtype`, so they
+feed the model the same tensors (up to float32 reduction order inside the encoder: ~1e-6). The empty-text
+embedding for classifier-free guidance dropout is stored in the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import torch
+from prefect import task
+
+from data.schemas import TEXT_EMBEDDINGS
+from data.store import Artifact, ShardInfo
+from models.tiny import resolve_model
+from tasks.model_cache import cached_model, pick_device
+from tasks.shards import SHARD_TASK_OPTIONS
+
+if TYPE_CHECKING:
+    from flows.config import TextConfig
+
+VERSION = 1
+DIM_META_KEY = b"t2i.text_dim"
+
+
+def load_encoder(cfg: TextConfig, workspace, device: str | None = None):
+    return cached_model(
+        "text",
+        path=resolve_model(cfg.encoder, workspace),
+        max_length=cfg.max_length,
+        device=device or pick_device(cfg.device),
+        dtype=cfg.dtype,
+        revision=cfg.revision,
+    )
+
+
+def _to_bytes(row: torch.Tensor) -> bytes:
+    return row.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _from_bytes(data: bytes, dtype: str, dim: int) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(-1, dim)
+
+
+@task(name="text-shard", **SHARD_TASK_OPTIONS)
+def text_shard(cfg: TextConfig, artifact: Artifact, index: int, captions: Artifact) -> ShardInfo:
+    """One captions shard → the unpadded embedding of every caption (`tokens` rows of width `dim`)."""
+    if artifact.has_shard(index):
+        return artifact.shard_info(index)
+    encoder = load_encoder(cfg, artifact.workspace)
+    table = captions.read_shard(index, columns=["key", "caption"])
+    keys, texts = table["key"].to_pylist(), table["caption"].to_pylist()
+    rows, lengths = [], []
+    for start in range(0, len(texts), cfg.batch_size):
+        hidden, mask = encoder.encode(texts[start : start + cfg.batch_size])
+        for h, m in zip(hidden.cpu(), mask.cpu(), strict=True):
+            n = int(m.sum())
+            rows.append(_to_bytes(h[:n].to(getattr(torch, cfg.dtype))))
+            lengths.append(n)
+    out = pa.Table.from_pydict({"key": keys, "embedding": rows, "tokens": lengths}, schema=TEXT_EMBEDDINGS)
+    out = out.replace_schema_metadata({DIM_META_KEY: str(encoder.dim).encode()})
+    return artifact.write_shard(index, out)
+
+
+def null_embedding(cfg: TextConfig, workspace) -> dict[str, Any]:
+    """The empty text's embedding (for CFG dropout), as JSON for the artifact's manifest."""
+    encoder = load_encoder(cfg, workspace)
+    hidden, mask = encoder.encode([""])
+    row = hidden[0, : int(mask[0].sum())].cpu().to(getattr(torch, cfg.dtype)).float()
+    return {"dim": encoder.dim, "dtype": cfg.dtype, "null_embedding": row.tolist()}
+
+
+def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, longest, dim) float32 with zeros after each row's tokens, and the boolean mask."""
+    longest = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), longest, rows[0].shape[1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r.float()
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+class OnlineText:
+    """The encoder in the training process; outputs rounded to `dtype` like stored embeddings are."""
+
+    def __init__(self, encoder, dtype: str) -> None:
+        self.encoder, self.dtype = encoder, getattr(torch, dtype)
+        self.dim = encoder.dim
+
+    def encode(self, captions: Sequence[str | None], keys: Sequence[str | None] = ()) -> tuple:
+        """`None` is the dropped (empty) text."""
+        hidden, mask = self.encoder.encode(["" if c is None else c for c in captions])
+        return hidden.to(self.dtype).float(), mask
+
+
+class PrecomputedText:
+    """Stored embeddings by key, held in memory in their stored dtype; no encoder in the process."""
+
+    def __init__(self, artifacts: Sequence[Artifact], num_shards: int) -> None:
+        self.rows: dict[str, torch.Tensor] = {}
+        manifest = artifacts[0].read_manifest()
+        self.dim, dtype = manifest["dim"], manifest["dtype"]
+        self.null = torch.tensor(manifest["null_embedding"], dtype=getattr(torch, dtype))
+        for artifact in artifacts:
+            for i in range(num_shards):
+                table = artifact.read_shard(i, columns=["key", "embedding"])
+                for key, data in zip(table["key"].to_pylist(), table["embedding"].to_pylist(), strict=True):
+                    self.rows[key] = _from_bytes(data, dtype, self.dim)
+
+    def encode(self, captions: Sequence[str | None], keys: Sequence[str | None]) -> tuple:
+        return pad_rows(
+            [self.null if c is None else self.rows[k] for c, k in zip(captions, keys, strict=True)]
+        )
+
+
+def text_conditioning(
+    cfg: TextConfig, workspace, device: str, artifacts: Sequence[Artifact], num_shards: int
+):
+    """What the trainer asks for text: stored rows when `text.mode` is precomputed, else the encoder."""
+    if cfg.mode == "precomputed":
+        if not artifacts:
+            raise ValueError("text.mode is precomputed but no text artifact was given: run the latents stage")
+        return PrecomputedText(artifacts, num_shards)
+    return OnlineText(load_encoder(cfg, workspace, device), cfg.dtype)
