@@ -39,7 +39,9 @@ def test_postprocess_keeps_one_line_up_to_the_last_full_stop():
 @pytest.fixture(scope="module")
 def vllm_captioner(tiny_models):
     cfg = load_config(
-        "tiny", ["cutmix.enabled=false", "recaption.max_new_tokens=12"], str(tiny_models.parent)
+        "tiny",
+        ["cutmix.enabled=false", "recaption.model=tiny:llava", "recaption.max_new_tokens=12"],
+        str(tiny_models.parent),
     )
     return load_captioner(cfg.recaption, tiny_models.parent)
 

@@ -62,8 +62,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_of_one_process_equal_one_node_of_two(prefect_harness, workspace, tmp_path):
-    """The multi-node launch (static rendezvous at master_addr:port), run as two "nodes" on this machine."""
+def test_two_nodes_of_one_process_equal_one_node_of_two(prefect_harness, workspace, tmp_path, monkeypatch):
+    """The multi-node launch (static rendezvous at master_addr:port), run as two "nodes" on this machine.
+
+    torchrun gives each of several local processes one intra-op thread but leaves a lone process all cores;
+    the thread count changes float summation order, so both layouts are pinned to one thread to compare bits.
+    """
     import shutil
     import threading
 
@@ -78,6 +82,7 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(prefect_harness, workspa
     shutil.copytree(workspace, other)
     train_flow(cfg)  # one node, two processes
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     port = _free_port()
     results: dict[int, dict] = {}
 
