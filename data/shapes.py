@@ -498,6 +498,24 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[ObjectGuess]:
     return found
 
 
+def dominant_colour(image: Image.Image | np.ndarray) -> str | None:
+    """The palette colour covering the most foreground pixels, or None (no plain background, or too few).
+
+    A softer reading than `detect_objects`: it needs no flat, well-formed shape, only the prompted colour on a
+    plain background, so it shows conditioning before a model draws crisp shapes.
+    """
+    img = _as_array(image)
+    bg, plain = _background(img)
+    if plain < _MIN_PLAIN_BORDER:
+        return None
+    flat = img.reshape(-1, 3)
+    foreground = ((flat - bg) ** 2).sum(axis=1) > _FG_DIST**2
+    distances = ((flat[:, None, :] - _PALETTE[None]) ** 2).sum(axis=2)
+    votes = foreground & (distances.min(axis=1) < _PALETTE_DIST**2)
+    counts = np.bincount(distances.argmin(axis=1)[votes], minlength=len(_PALETTE))
+    return _PALETTE_NAMES[int(counts.argmax())] if counts.max() >= _MIN_VOTES else None
+
+
 # ------------------------------------------------------------------------------------ generation scoring
 
 GENERATION_CATEGORIES: tuple[str, ...] = (
@@ -553,11 +571,14 @@ CLASS_CATEGORIES: tuple[str, ...] = ("single_object", "colours")
 
 
 def score_class_generation(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, float | None]:
-    """Grading for a class-name prompt ("An image of red circle"): only what the class names — the dominant
-    object's shape, its colour and the pair; counts and positions are not prompted, so not scored."""
+    """Grading for a class-name prompt ("An image of red circle"): only what the class names. `overall` is the
+    mean of the dominant object's shape (`single_object`) and its colour (`colours`); counts and positions are
+    not prompted, so not scored. Reported beside it: `colour_shape` (the pair drawn together) and
+    `dominant_colour` (the image's most-covered colour is the prompted one)."""
     dominant = next(o for o in scene.objects if o.class_name == scene.class_name)
     scores = score_generation(image, [dominant])
     kept: dict[str, float | None] = {k: scores[k] for k in ("colour_shape", *CLASS_CATEGORIES)}
+    kept["dominant_colour"] = float(dominant_colour(image) == dominant.colour)
     kept["overall"] = sum(scores[k] for k in CLASS_CATEGORIES) / len(CLASS_CATEGORIES)
     return kept
 
@@ -580,5 +601,6 @@ def chance_levels(n: int = 2000, seed: int = 0, class_prompts: bool = False) -> 
             if value is not None:
                 totals[key] = totals.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
-    keys = ("colour_shape", *(CLASS_CATEGORIES if class_prompts else GENERATION_CATEGORIES), "overall")
+    categories = (*CLASS_CATEGORIES, "dominant_colour") if class_prompts else GENERATION_CATEGORIES
+    keys = ("colour_shape", *categories, "overall")
     return {k: totals.get(k, 0.0) / counts[k] if counts.get(k) else 0.0 for k in keys}

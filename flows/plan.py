@@ -12,6 +12,7 @@ from data.caption_sets import source_identity
 from data.sources import Source, open_source
 from data.store import Artifact, fingerprint
 from flows.config import PipelineConfig
+from models.tiny import tiny_identities
 from tasks import cutmix as cutmix_task
 from tasks import download as download_task
 from tasks import evaluate as evaluate_task
@@ -39,7 +40,8 @@ class Plan:
         )
 
     def _artifact(self, stage: str, version: int, config: dict, inputs: dict[str, str]) -> Artifact:
-        fp = fingerprint(stage, version, config, inputs)
+        pinned = tiny_identities(config)  # a rebuilt or retrained tiny model makes new outputs
+        fp = fingerprint(stage, version, {**config, "tiny_models": pinned} if pinned else config, inputs)
         return Artifact(self.cfg.workspace_path, stage, fp, extra={"config": config, "inputs": inputs})
 
     @functools.cached_property

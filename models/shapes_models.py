@@ -326,24 +326,16 @@ def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Ten
     )
 
 
-def train_vae(out: Path, recipe: VAERecipe = VAERecipe(), log: Log = print, init: Path | None = None) -> dict:
+def train_vae(out: Path, recipe: VAERecipe = VAERecipe(), log: Log = print) -> dict:
     """Phase 1 on crops (cheap), phase 2 on whole images with a fresh optimizer (removes the crop/whole
-    image mismatch of GroupNorm statistics); save in diffusers format and return the record. `init` starts
-    phase 2 from saved phase-1 weights (the same result as running phase 1 here, which is deterministic)."""
+    image mismatch of GroupNorm statistics); save in diffusers format and return the record."""
     torch.set_num_threads(recipe.threads)
     vae = _build_vae(recipe)
     params = sum(p.numel() for p in vae.parameters())
     log(f"vae: {params:,} parameters, {recipe.steps} + {recipe.full_steps} steps")
     history: list[dict] = []
     start = time.perf_counter()
-    if init is None:
-        _vae_phase(
-            vae, recipe, "crops", recipe.steps, recipe.batch_size, recipe.lr, recipe.crop, 0, log, history
-        )
-    else:
-        from diffusers import AutoencoderKL
-
-        vae.load_state_dict(AutoencoderKL.from_pretrained(init).state_dict())
+    _vae_phase(vae, recipe, "crops", recipe.steps, recipe.batch_size, recipe.lr, recipe.crop, 0, log, history)
     _vae_phase(
         vae, recipe, "whole", recipe.full_steps, recipe.full_batch_size, recipe.full_lr, shapes.IMAGE_SIZE,
         recipe.steps * recipe.batch_size, log, history,
@@ -421,30 +413,38 @@ def retrain(which: str, out_root: Path, steps: int | None = None, log: Log = pri
     from data.store import atomic_path
 
     out = Path(out_root) / f"shapes-{which}"
-    with atomic_path(out) as tmp:
-        if which == "captioner":
-            recipe = CaptionerRecipe(**({"steps": steps} if steps else {}))
-            record = train_captioner(tmp, recipe, log)
-            record["quality"] = captioner_accuracy(tmp)
-        elif which == "vae":
-            default = VAERecipe()
-            recipe = default
-            if steps:  # both phases, keeping their ratio
-                recipe = VAERecipe(
-                    steps=steps, full_steps=max(1, round(steps * default.full_steps / default.steps))
-                )
-            record = train_vae(tmp, recipe, log)
-            record["quality"] = vae_quality(tmp)
-        else:
-            raise ValueError(f"which must be 'captioner' or 'vae', got {which!r}")
-        record["command"] = f"t2i train-shapes-models {which} --out {out_root}" + (
-            f" --steps {steps}" if steps else ""
-        )
-        (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():  # set the old model aside; it is deleted once the new one is in place
-            previous = out.with_name(f".previous-{out.name}")
-            shutil.rmtree(previous, ignore_errors=True)
-            out.rename(previous)
-    shutil.rmtree(out.with_name(f".previous-{out.name}"), ignore_errors=True)
+    previous = out.with_name(f".previous-{out.name}")
+    try:
+        with atomic_path(out) as tmp:
+            if which == "captioner":
+                recipe = CaptionerRecipe(**({"steps": steps} if steps else {}))
+                record = train_captioner(tmp, recipe, log)
+                record["quality"] = captioner_accuracy(tmp)
+            elif which == "vae":
+                default = VAERecipe()
+                recipe = default
+                if steps:  # both phases, keeping their ratio
+                    recipe = VAERecipe(
+                        steps=steps, full_steps=max(1, round(steps * default.full_steps / default.steps))
+                    )
+                record = train_vae(tmp, recipe, log)
+                record["quality"] = vae_quality(tmp)
+            else:
+                raise ValueError(f"which must be 'captioner' or 'vae', got {which!r}")
+            default_out = Path(out_root).resolve() == WEIGHTS_DIR.resolve()  # no local path in the record
+            record["command"] = (
+                f"t2i train-shapes-models {which}"
+                + ("" if default_out else f" --out {out_root}")
+                + (f" --steps {steps}" if steps else "")
+            )
+            (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+            if out.exists():  # set the old model aside; it is deleted once the new one is in place
+                shutil.rmtree(previous, ignore_errors=True)
+                out.rename(previous)
+    except BaseException:
+        if previous.exists() and not out.exists():  # the swap failed half-way: put the old model back
+            previous.rename(out)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
     log(f"{which}: {record['quality']} -> {out}")
     return record

@@ -9,13 +9,15 @@ loading code is the real one either way.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 TINY_PREFIX = "tiny:"
-TINY_VERSION = 1  # bump when a builder changes, so cached builds are not reused
+TINY_VERSION = 2  # bump when a builder changes, so cached builds are not reused
 
 # Words the tiny tokenizers must know: the shapes world's captions and the prompts sent with images.
 _CORPUS = [
@@ -44,6 +46,40 @@ _LLAVA_CHAT_TEMPLATE = (
 
 def is_tiny(ref: str) -> bool:
     return ref.startswith(TINY_PREFIX)
+
+
+def tiny_identity(ref: str) -> str:
+    """What a `tiny:*` name stands for right now, for fingerprints: the builder version of a built model, a
+    digest of a trained one's files (weights, config, tokenizer; not its training record) (so a rebuilt or retrained model never reuses old outputs)."""
+    name = ref[len(TINY_PREFIX) :]
+    if name not in TRAINED:
+        return f"built-v{TINY_VERSION}"
+    from models.shapes_models import WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR / TRAINED[name]
+    if not folder.is_dir():
+        return "weights-missing"  # resolve_model names the command that makes them
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "training.json")
+    return f"weights-{_digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))}"
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of the files' bytes (cached on path, size and mtime: plans ask for it once per stage)."""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def tiny_identities(config: object) -> dict[str, str]:
+    """`tiny_identity` of every `tiny:*` string anywhere in a (nested) config."""
+    if isinstance(config, str):
+        return {config: tiny_identity(config)} if is_tiny(config) else {}
+    values = (
+        config.values() if isinstance(config, dict) else config if isinstance(config, list | tuple) else ()
+    )
+    return {k: v for item in values for k, v in tiny_identities(item).items()}
 
 
 def resolve_model(ref: str, workspace: str | Path) -> str:
@@ -226,7 +262,12 @@ def build_tiny_vae(out: Path, seed: int = 0) -> None:
 
 
 def build_tiny_t5(out: Path, seed: int = 0) -> None:
-    """A T5 encoder with a locally trained tokenizer that, like T5's, appends `</s>` and pads with id 0."""
+    """A T5 encoder with a locally trained tokenizer that, like T5's, appends `</s>` and pads with id 0.
+
+    `initializer_factor=0.1` keeps each random layer's output small beside the token embedding it adds to, so
+    the tokens stay told apart as a trained encoder's are (at the default 1.0, "red" and "blue" in the same
+    sentence come out at cosine ~0.9 and a denoiser can barely learn colours).
+    """
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -248,8 +289,14 @@ def build_tiny_t5(out: Path, seed: int = 0) -> None:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
+        initializer_factor=0.1,
     )
-    T5EncoderModel(config).eval().save_pretrained(out)
+    model = T5EncoderModel(config).eval()
+    with torch.no_grad():  # the factor also shrinks RMSNorm gains; keep them at 1 so outputs have unit scale
+        for module in model.modules():
+            if type(module).__name__ == "T5LayerNorm":
+                module.weight.fill_(1.0)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

@@ -176,11 +176,14 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def checkpoint_names(spec: list[str], root: Path) -> list[str]:
-    """`final`, `step-NNNNNNNN` names, or `all` (every kept checkpoint, oldest first, then final)."""
+    """`final`, `step-NNNNNNNN` names, or `all` (final, then every kept checkpoint, oldest first).
+
+    The first name is the headline of the report, so `all` puts final there.
+    """
     kept = [p.name for p in checkpoint_dirs(root)]
     names: list[str] = []
     for item in spec:
-        for name in [*kept, FINAL] if item == "all" else [item]:
+        for name in [FINAL, *kept] if item == "all" else [item]:
             if name != FINAL and name not in kept:
                 raise FileNotFoundError(
                     f"evaluate.checkpoints: {name!r} is not among the kept checkpoints of {root} "
@@ -265,13 +268,26 @@ def evaluate_checkpoint(
     """Sample and score each selected checkpoint; the first is the headline, the rest a comparison table."""
     log = run_logger()
     device = pick_device(cfg.device)
-    if cfg.feature_extractor == "inception":
-        from tasks.metrics import inception_weights_file
-
-        inception_weights_file(cfg.inception_weights)  # fail before sampling, not after
     names = checkpoint_names(cfg.checkpoints, checkpoints.root)
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)
     reference = reference_images(prompts, latents_cfg.resolution)
+    # Fail before sampling, not after: the metric models must be on disk (no download at this point).
+    if cfg.feature_extractor == "inception" and reference is not None:
+        from tasks.metrics import inception_weights_file
+
+        inception_weights_file(cfg.inception_weights)
+    if cfg.clip_model:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(
+                resolve_model(cfg.clip_model, artifact.workspace), local_files_only=True
+            )
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"evaluate.clip_model: {cfg.clip_model!r} is not on disk ({exc}); download it once "
+                "(`huggingface-cli download <id>`), point the field at a local folder, or set it to null"
+            ) from exc
     jobs = [(p, k) for p in prompts for k in range(cfg.images_per_prompt)]
     vae = cached_model(
         "vae",

@@ -103,6 +103,13 @@ def latent_norm_tensors(norm: LatentNorm, channels: int) -> tuple[torch.Tensor, 
     return shift, scale
 
 
+def describe_norm(norm: LatentNorm) -> str:
+    if not isinstance(norm, dict):
+        return f"scale {norm:g}"
+    shift, scale = (", ".join(f"{v:.3f}" for v in norm[k]) for k in ("shift", "scale"))
+    return f"per-channel shift [{shift}], scale [{scale}]"
+
+
 def to_vae_latents(z: torch.Tensor, norm: LatentNorm) -> torch.Tensor:
     """Model-space latents back to what the VAE decodes."""
     shift, scale = latent_norm_tensors(norm, z.shape[1])
@@ -320,7 +327,7 @@ def train_denoiser(
     else:
         log.info(
             f"[train] {cfg.model}-{cfg.size}: {count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
-            f"latents {channels}×{height}×{width}, normalised by {scale_factor}"
+            f"latents {channels}×{height}×{width}, normalised by {describe_norm(scale_factor)}"
         )
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = EpsilonObjective() if cfg.objective == "epsilon" else RectifiedFlowObjective()

@@ -7,7 +7,8 @@ scores on the same prompts.
 
     python tests/benchmarks/bench_conditioning.py [--steps 1500] [--images 2048] [--prompts 128]
 
-Last line: `colours: A (chance a), single_object: B (chance b), colour_shape: C (chance c)`. Run it alone.
+Last line: `dominant_colour: D (chance d), colours: A (chance a), single_object: B (chance b), colour_shape: C
+(chance c)`. Run it alone.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
     print(
         ", ".join(
             f"{k}: {scores[k]:.3f} (chance {chance[k]:.3f})"
-            for k in ("colours", "single_object", "colour_shape")
+            for k in ("dominant_colour", "colours", "single_object", "colour_shape")
         )
     )
 

@@ -21,9 +21,11 @@ from data.shapes import (
     caption_scores,
     chance_levels,
     detect_objects,
+    dominant_colour,
     parse_caption,
     render,
     scene,
+    score_class_generation,
     score_generation,
 )
 
@@ -247,6 +249,20 @@ def test_swapped_colours_fail_attribution_but_keep_colours_and_shapes():
     assert result["two_objects"] == 1.0 and result["colours"] == 1.0 and result["counting"] == 1.0
     assert result["colour_attribution"] == 0.0 and result["position"] == 0.0 and result["colour_shape"] == 0.0
     assert result["overall"] == pytest.approx(3 / 5)
+
+
+def test_dominant_colour_reads_blurred_blobs_but_not_noise():
+    for i in range(50):
+        s = scene(i, split="test")
+        single = Scene(s.background, s.objects[:1])
+        blob = render(single).filter(ImageFilter.GaussianBlur(1.5))  # soft edges, the colour stays
+        assert dominant_colour(blob) == single.objects[0].colour
+        assert score_class_generation(render(single), single)["dominant_colour"] == 1.0
+    rng = np.random.default_rng(3)
+    assert dominant_colour(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is None
+    assert all(dominant_colour(Image.new("RGB", (64, 64), bg)) is None for bg in BACKGROUNDS)
+    chance = chance_levels(n=300, class_prompts=True)
+    assert 0.1 < chance["dominant_colour"] < 0.3  # six colours, a little above 1/6 from shared colours
 
 
 def test_noise_scores_near_chance():

@@ -18,7 +18,7 @@ def test_committed_models_carry_the_command_seed_and_quality_that_made_them():
     assert captioner["recipe"] == json.loads(json.dumps(CaptionerRecipe().__dict__))  # the defaults made it
     assert vae["recipe"] == json.loads(json.dumps(VAERecipe().__dict__))
     assert captioner["quality"]["exact"] >= 0.95  # greedy captions of 500 unseen scenes
-    assert vae["quality"]["shapes_score"] >= 0.95 and vae["quality"]["psnr"] > 25
+    assert vae["quality"]["shapes_score"] >= 0.95 and vae["quality"]["psnr"] >= 30
     assert resolve_model("tiny:shapes-captioner", "/nonexistent") == str(WEIGHTS_DIR / "shapes-captioner")
 
 

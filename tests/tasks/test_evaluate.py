@@ -119,10 +119,7 @@ def test_several_checkpoints_get_a_comparison_table(trained):
     base, workspace = trained
     cfg = load_config("tiny", [*base, "evaluate.checkpoints=[all]", "evaluate.num_prompts=8"], str(workspace))
     metrics = evaluate_flow(cfg)["metrics"]
-    assert (
-        list(metrics["checkpoints"]) == ["step-00000002", "final"]
-        and metrics["checkpoint"] == "step-00000002"
-    )
+    assert list(metrics["checkpoints"]) == ["final", "step-00000002"] and metrics["checkpoint"] == "final"
     for name, m in metrics["checkpoints"].items():
         assert "overall" in m["shapes"]["scores"] and m["fidelity"]["num_fake"] == 8, name
         assert len(list((Plan(cfg).evaluation.root / "images" / name).glob("*.png"))) == 8
@@ -131,7 +128,7 @@ def test_several_checkpoints_get_a_comparison_table(trained):
     assert "| step-00000002 |" in report and "| final |" in report
 
 
-def test_bad_checkpoint_names_and_a_missing_inception_file_fail_before_sampling(trained):
+def test_bad_checkpoint_names_and_missing_metric_models_fail_before_sampling(trained):
     from flows.evaluate import evaluate_flow
     from flows.plan import Plan
 
@@ -145,5 +142,9 @@ def test_bad_checkpoint_names_and_a_missing_inception_file_fail_before_sampling(
         str(workspace),
     )
     with pytest.raises(FileNotFoundError, match="evaluate.inception_weights"):
+        evaluate_flow(cfg)
+    assert not list((Plan(cfg).evaluation.root / "images").glob("*.png"))
+    cfg = load_config("tiny", [*base, f"evaluate.clip_model={workspace}/no-clip"], str(workspace))
+    with pytest.raises(FileNotFoundError, match="evaluate.clip_model"):
         evaluate_flow(cfg)
     assert not list((Plan(cfg).evaluation.root / "images").glob("*.png"))

@@ -15,6 +15,7 @@ from flows.download import download_flow
 from flows.plan import Plan
 from flows.recaption import recaption_flow
 from models.captioners import Caption, TransformersCaptioner, postprocess_caption
+from models.tiny import TINY_VERSION
 from tasks.recaption import (
     caption_isolating_failures,
     caption_shard,
@@ -50,7 +51,7 @@ def test_vllm_greedy_tokens_match_transformers_generate(vllm_captioner, tiny_mod
     batch = images(6)
     ours = vllm_captioner.caption(batch, [""] * 6, PROMPTS)["caption"]
     hf = TransformersCaptioner(
-        str(tiny_models / "tiny-llava-v1"), max_new_tokens=12, dtype="float32", batch_size=1
+        str(tiny_models / f"tiny-llava-v{TINY_VERSION}"), max_new_tokens=12, dtype="float32", batch_size=1
     )
     reference = hf.caption(batch, [""] * 6, PROMPTS)["caption"]
     assert all(c.tokens == 12 and c.finish_reason == "length" for c in ours)  # random weights never stop
