@@ -49,8 +49,9 @@ def is_tiny(ref: str) -> bool:
 
 
 def tiny_identity(ref: str) -> str:
-    """What a `tiny:*` name stands for right now, for fingerprints: the builder version of a built model, a
-    digest of a trained one's files (weights, config, tokenizer; not its training record) (so a rebuilt or retrained model never reuses old outputs)."""
+    """What a `tiny:*` name stands for right now, for fingerprints, so that a rebuilt or retrained model never
+    reuses old outputs: the builder version of a built model; a digest of a trained one's files (weights,
+    config, tokenizer; not its training record)."""
     name = ref[len(TINY_PREFIX) :]
     if name not in TRAINED:
         return f"built-v{TINY_VERSION}"
