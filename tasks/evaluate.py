@@ -96,7 +96,9 @@ def heldout_prompts(folder: Path, num_prompts: int) -> list[PromptItem]:
     manifest = json.loads(manifest_path.read_text())
     workspace = folder.parents[1]
     captions = Artifact(workspace, "recaption", folder.name)
-    images = Artifact(workspace, "download", manifest["inputs"]["images"])
+    source = manifest["inputs"]["images"]  # the images it captioned: downloaded ones, or composites
+    stage = "download" if (workspace / "download" / source).is_dir() else "cutmix"
+    images = Artifact(workspace, stage, source)
     items: list[PromptItem] = []
     for i in range(len(manifest["shards"])):
         table = captions.read_shard(i, columns=["key", "caption"])
