@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
+from data.shapes import GENERATION_CATEGORIES
 from data.store import atomic_path, fingerprint
 from flows.config import ConfigError, PipelineConfig, with_overrides
 from flows.pipeline import pipeline_flow
@@ -29,16 +30,7 @@ VARIANTS: dict[str, list[str]] = {
     "vlm": ["cutmix.enabled=false"],
     "vlm+cutmix": ["cutmix.enabled=true"],
 }
-CATEGORIES = (
-    "overall",
-    "colour_shape",
-    "single_object",
-    "two_objects",
-    "counting",
-    "colours",
-    "position",
-    "colour_attribution",
-)
+CATEGORIES = ("overall", "colour_shape", *GENERATION_CATEGORIES)
 
 
 def variant_config(cfg: PipelineConfig, variant: str, seed: int) -> PipelineConfig:

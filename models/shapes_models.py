@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data import shapes
+from models.tiny import LLAVA_CHAT_TEMPLATE
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CAPTIONER_PROMPT = "describe the image"
@@ -34,19 +35,6 @@ _PROMPT_WORDS = ["USER", "ASSISTANT", "SYSTEM", ":", "describe", "the", "image"]
 _MAX_CAPTION_TOKENS = 27  # 3 phrases of 8 words, 2 separators and </s>
 _CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 _CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-_LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% else %}SYSTEM: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ('image', 'image_url', 'image_pil') %}<image>{{ '\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 Log = Callable[[str], None]
 
@@ -125,7 +113,7 @@ def build_word_tokenizer():
         extra_special_tokens={"image_token": "<image>"},
         model_max_length=256,
     )
-    fast.chat_template = _LLAVA_CHAT_TEMPLATE
+    fast.chat_template = LLAVA_CHAT_TEMPLATE
     return fast
 
 
@@ -150,7 +138,7 @@ def _build_captioner(recipe: CaptionerRecipe):
         vision_feature_select_strategy="default",
         image_token="<image>",
         num_additional_image_tokens=1,
-        chat_template=_LLAVA_CHAT_TEMPLATE,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     vision = CLIPVisionConfig(
         hidden_size=recipe.vision_width,

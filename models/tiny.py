@@ -29,7 +29,7 @@ _CORPUS = [
     "USER: ASSISTANT: the image shows shapes on a plain background. 0 1 2 3 4 5 6 7 8 9 , . ! ? : ; - ' \"",
 ] * 4
 
-_LLAVA_CHAT_TEMPLATE = (
+LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% else %}SYSTEM: {% endif %}"
@@ -171,7 +171,7 @@ def build_tiny_llava(
         extra_special_tokens={"image_token": "<image>"},
         model_max_length=512,
     )
-    tokenizer.chat_template = _LLAVA_CHAT_TEMPLATE
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vocab_padded = (len(tokenizer) + 63) // 64 * 64
     vision = CLIPVisionConfig(
@@ -220,7 +220,7 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
         image_token="<image>",
         num_additional_image_tokens=1,
-        chat_template=_LLAVA_CHAT_TEMPLATE,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
