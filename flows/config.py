@@ -270,6 +270,12 @@ class TrainConfig(StageConfig):
         "epsilon", description="epsilon: the paper's ε-prediction, γ(t) = 1 − t; rectified_flow: SD3-style."
     )
     size: Literal["tiny", "base", "L"] = Field("L", description="Denoiser size preset.")
+    patch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Side of the latent patch each token covers (None: the size's own, 2). Tokens, and so "
+        "compute, fall with its square: 4 trains a 16×16 latent grid ~2× faster per sample than 2.",
+    )
     steps: int = Field(500_000, ge=1)
     batch_size: int = Field(1024, ge=1, description="Global batch size.")
     lr: float = Field(1e-3, gt=0)
@@ -339,6 +345,14 @@ class TrainConfig(StageConfig):
     def _node_rank_in_range(self) -> TrainConfig:
         if self.node_rank >= self.nodes:
             raise ValueError(f"node_rank must be below nodes ({self.nodes}), got {self.node_rank}")
+        return self
+
+    @model_validator(mode="after")
+    def _crop_fits_patches(self) -> TrainConfig:
+        if self.latent_crop and self.patch_size and self.latent_crop % self.patch_size:
+            raise ValueError(
+                f"latent_crop ({self.latent_crop}) must be a multiple of patch_size ({self.patch_size})"
+            )
         return self
 
 

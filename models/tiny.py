@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 TINY_PREFIX = "tiny:"
-TINY_VERSION = 2  # bump when a builder changes, so cached builds are not reused
+TINY_VERSION = 3  # bump when a builder changes, so cached builds are not reused
 
 # Words the tiny tokenizers must know: the shapes world's captions and the prompts sent with images.
 _CORPUS = [
@@ -262,15 +262,21 @@ def build_tiny_vae(out: Path, seed: int = 0) -> None:
     vae.save_pretrained(out)
 
 
-def build_tiny_t5(out: Path, seed: int = 0) -> None:
-    """A T5 encoder with a locally trained tokenizer that, like T5's, appends `</s>` and pads with id 0.
+def build_tiny_t5(out: Path, seed: int = 0, context: float = 0.6) -> None:
+    """A T5 encoder with a locally trained tokenizer that, like T5's, appends `</s>` and pads with id 0, and
+    whose random weights still make each output token depend on its neighbours, as a trained encoder's do.
 
-    `initializer_factor=0.1` keeps each random layer's output small beside the token embedding it adds to, so
-    the tokens stay told apart as a trained encoder's are (at the default 1.0, "red" and "blue" in the same
-    sentence come out at cosine ~0.9 and a denoiser can barely learn colours).
+    With plain random weights an encoder is a bag of words: at the default init every token comes out nearly
+    the same ("red" and "blue" in one sentence at cosine ~0.9), and at a small init each output is just its
+    own embedding, so "a red circle and a blue square" reads like "a blue circle and a red square" and no
+    denoiser can learn which colour goes with which shape or place. So: a small init (tokens stay distinct),
+    then each head of the first layer's relative-position bias looks at one fixed offset (-4..4, T5 shares
+    the bias with the second layer, so the context reaches 8 tokens either way), and the value and output
+    projections are scaled so the context adds `context` times the size of the token embedding.
     """
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers.models.t5.modeling_t5 import T5Attention
 
     torch.manual_seed(seed)
     tok = _bpe_tokenizer(["<pad>", "</s>", "<unk>"], 400)
@@ -280,23 +286,40 @@ def build_tiny_t5(out: Path, seed: int = 0) -> None:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=512
     )
+    offsets = (-1, 1, -2, 2, -3, 3, -4, 4)  # one per head
     config = T5Config(
         vocab_size=(len(tokenizer) + 63) // 64 * 64,
         d_model=64,
         d_kv=16,
         d_ff=128,
         num_layers=2,
-        num_heads=4,
+        num_heads=len(offsets),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
         initializer_factor=0.1,
     )
     model = T5EncoderModel(config).eval()
-    with torch.no_grad():  # the factor also shrinks RMSNorm gains; keep them at 1 so outputs have unit scale
-        for module in model.modules():
+    with torch.no_grad():
+        for module in model.modules():  # the factor also shrinks RMSNorm gains; keep them at 1
             if type(module).__name__ == "T5LayerNorm":
                 module.weight.fill_(1.0)
+        bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        bias.zero_()  # (buckets, heads); the queries and keys are tiny, so this bias sets the attention
+        for head, offset in enumerate(offsets):
+            bucket = T5Attention._relative_position_bucket(
+                torch.tensor(offset),
+                bidirectional=True,
+                num_buckets=config.relative_attention_num_buckets,
+                max_distance=config.relative_attention_max_distance,
+            )
+            bias[int(bucket), head] = 8.0  # ~99.5% of the head's attention on that one neighbour
+        embedding_std = float(model.shared.weight.std())
+        inner = config.num_heads * config.d_kv
+        for block in model.encoder.block:
+            attention = block.layer[0].SelfAttention
+            attention.v.weight.normal_(0.0, config.d_model**-0.5)  # unit-scale values from normed inputs
+            attention.o.weight.normal_(0.0, context * embedding_std / inner**0.5)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -186,7 +186,9 @@ def save_final(root: Path, model: DiT, meta: dict[str, Any]) -> Path:
 
 
 def build_denoiser(architecture: str, size: str, **overrides) -> torch.nn.Module:
-    """DiT-I or CAD-I of a named size."""
+    """DiT-I or CAD-I of a named size; `patch_size=None` keeps the size's own."""
+    if overrides.get("patch_size", 0) is None:
+        del overrides["patch_size"]
     if architecture == "cad":
         from models.cad import build_cad
 
@@ -307,9 +309,18 @@ def train_denoiser(
     channels, height, width = data.mean.shape[1:]
     shift, scale = latent_norm_tensors(scale_factor, channels)
     torch.manual_seed(cfg.seed)
-    model = build_denoiser(
-        cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=texts.dim
-    )
+
+    def build() -> torch.nn.Module:
+        return build_denoiser(
+            cfg.model,
+            cfg.size,
+            latent_channels=channels,
+            latent_size=height,
+            text_dim=texts.dim,
+            patch_size=cfg.patch_size,
+        )
+
+    model = build()
     ema = EMA(model, decay=cfg.ema_decay)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -326,7 +337,8 @@ def train_denoiser(
         log.info(f"[train] resuming from {ckpts[-1].name} (step {step} of {cfg.steps})")
     else:
         log.info(
-            f"[train] {cfg.model}-{cfg.size}: {count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
+            f"[train] {cfg.model}-{cfg.size} (patch {model.config.patch_size}): "
+            f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
             f"latents {channels}×{height}×{width}, normalised by {describe_norm(scale_factor)}"
         )
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -342,8 +354,7 @@ def train_denoiser(
     preview = (
         SamplePreview(root, vae_path, data.captions[: cfg.sample_prompts], data.keys[: cfg.sample_prompts], texts,
                       data.mean.shape[1:], scale_factor,
-                      cfg, build=lambda: build_denoiser(cfg.model, cfg.size, latent_channels=channels,
-                                                        latent_size=height, text_dim=texts.dim))
+                      cfg, build=build)
         if vae_path and cfg.sample_prompts
         else None
     )  # fmt: skip
@@ -478,9 +489,7 @@ def train_denoiser(
         },  # seconds: batch assembly, text encoding, steps
     }
     if step >= cfg.steps and accelerator.is_main_process:
-        final_model = build_denoiser(
-            cfg.model, cfg.size, latent_channels=channels, latent_size=height, text_dim=texts.dim
-        )
+        final_model = build()
         ema.copy_to(final_model)
         meta = {
             "architecture": cfg.model,
