@@ -54,6 +54,7 @@ def test_workspace_from_argument_then_environment(monkeypatch, tmp_path):
         (["download.source=s3://bucket"], r"download\.source: .*allowed: synthetic:shapes, folder:<path>"),
         (["nosuchsection.x=1"], r"nosuchsection: unknown field; allowed fields: cutmix, download, evaluate"),
         (["train.steps"], r"expected section\.field=value"),
+        (["train.latent_crop=6"], r"train: .*latent_crop \(6\) must be a multiple of patch_size \(4\)"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(overrides, expected):
