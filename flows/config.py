@@ -30,10 +30,17 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     runtime_fields: ClassVar[frozenset[str]] = frozenset()
+    # Fields added after outputs of the stage existed: left out of the fingerprint while at their default
+    # (which reproduces the older behaviour), so upgrading never orphans finished or resumable outputs.
+    later_fields: ClassVar[frozenset[str]] = frozenset()
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the stage's output (not worker counts, devices or batch sizes)."""
-        return self.model_dump(mode="json", exclude=set(self.runtime_fields))
+        fields = self.model_dump(mode="json", exclude=set(self.runtime_fields))
+        for name in self.later_fields:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                del fields[name]
+        return fields
 
 
 class DownloadConfig(StageConfig):
@@ -324,6 +331,7 @@ class TrainConfig(StageConfig):
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
+    later_fields: ClassVar[frozenset[str]] = frozenset({"patch_size"})
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
         {
             "checkpoint_every",

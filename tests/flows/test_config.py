@@ -75,3 +75,12 @@ def test_fingerprint_ignores_runtime_fields():
     c = load_config("tiny", ["recaption.backend=template", "recaption.model=other"])
     d = load_config("tiny", ["recaption.backend=template"])
     assert c.recaption.fingerprint_fields() == d.recaption.fingerprint_fields()
+
+
+def test_a_later_field_at_its_default_keeps_the_fingerprint():
+    """Runs trained before `train.patch_size` existed keep their fingerprint, so they still resume."""
+    default = load_config("tiny", ["train.patch_size=null"]).train.fingerprint_fields()
+    assert "patch_size" not in default  # the same fields, so the same fingerprint, as before it existed
+    set_to_four = load_config("tiny").train.fingerprint_fields()  # the preset sets 4
+    assert set_to_four["patch_size"] == 4
+    assert {k: v for k, v in set_to_four.items() if k != "patch_size"} == default
