@@ -113,7 +113,10 @@ def main() -> None:
             revision=None,
         )
         torch.manual_seed(0)
-        model = build_denoiser(args.model, args.size, latent_channels=4, latent_size=16, text_dim=encoder.dim)
+        model = build_denoiser(
+            args.model, args.size, latent_channels=4, latent_size=16, text_dim=encoder.dim,
+            patch_size=cfg.train.patch_size,
+        )  # fmt: skip
         ema, opt, objective = EMA(model, 0.99), make_optimizer(model, cfg.train), EpsilonObjective()
         z = torch.randn(args.batch, 4, 16, 16)
         text, mask = encoder.encode(captions.read_shard(0)["caption"].to_pylist()[: args.batch])
@@ -129,7 +132,7 @@ def main() -> None:
 
     share = sec["data"] / sec["total"]
     print(
-        f"model: {args.model}-{args.size}, batch {args.batch}, {args.steps} steps, {torch.get_num_threads()} threads"
+        f"model: {args.model}-{args.size} (patch {model.config.patch_size}), batch {args.batch}, {args.steps} steps, {torch.get_num_threads()} threads"
     )
     print(
         f"full step: {full_rate:8.1f} samples/s  (data {share:.1%}, text encoding {sec['text'] / sec['total']:.1%})"
