@@ -6,8 +6,6 @@ template captions, latents from the trained VAE, the tiny T5, training, sampling
 the shapes scorer); a denoiser that ignored its text would land near the chance level the scorer reports.
 """
 
-import json
-
 from flows.config import load_config
 from flows.pipeline import pipeline_flow
 from flows.plan import Plan
@@ -32,10 +30,10 @@ def test_generated_images_show_the_prompted_colour(prefect_harness, workspace):
         str(workspace),
     )
     pipeline_flow(cfg)
-    shapes = json.loads((Plan(cfg).evaluation.root / "metrics.json").read_text())["shapes"]
+    shapes = Plan(cfg).evaluation.read_manifest()["metrics"]["shapes"]
     scores, chance = shapes["scores"], shapes["chance"]
     # the image's most-covered colour is the prompted one: most of the time, where chance is ~1 in 5
     assert scores["dominant_colour"] >= 0.5, (scores, chance)
     assert scores["dominant_colour"] >= 2 * chance["dominant_colour"], (scores, chance)
     # and the prompted colour is drawn as a clean object well above what an unprompted model scores
-    assert scores["colours"] >= chance["colours"] + 0.15, (scores, chance)
+    assert scores["colours"] >= 0.6 and scores["colours"] >= chance["colours"] + 0.25, (scores, chance)
