@@ -197,8 +197,16 @@ def checkpoint_names(spec: list[str], root: Path) -> list[str]:
 
 
 def load_checkpoint(root: Path, name: str, device: str, use_ema: bool = True):
-    """The final EMA weights, or a kept checkpoint's EMA (or raw) weights in the same architecture."""
+    """A kept checkpoint's EMA (or raw) weights in the final model's architecture. `final` holds only the EMA
+    weights, so its raw weights come from the checkpoint of the last step (always kept)."""
     model, meta = load_final(root, device=device)
+    if name == FINAL and not use_ema:
+        name = f"step-{meta['steps']:08d}"
+        if not (root / CHECKPOINTS / name / "state.pt").is_file():
+            raise FileNotFoundError(
+                f"evaluate.use_ema: false needs the raw weights of the final step, but {name} is not among "
+                f"the kept checkpoints of {root}"
+            )
     if name != FINAL:
         state = torch.load(root / CHECKPOINTS / name / "state.pt", map_location=device, weights_only=False)
         if use_ema:

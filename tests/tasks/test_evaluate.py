@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data import shapes
@@ -148,3 +149,17 @@ def test_bad_checkpoint_names_and_missing_metric_models_fail_before_sampling(tra
     with pytest.raises(FileNotFoundError, match="evaluate.clip_model"):
         evaluate_flow(cfg)
     assert not list((Plan(cfg).evaluation.root / "images").glob("*.png"))
+
+
+def test_use_ema_false_samples_the_raw_weights_of_final(trained):
+    from flows.plan import Plan
+    from tasks.evaluate import load_checkpoint
+    from tasks.train import CHECKPOINTS, FINAL
+
+    base, workspace = trained
+    root = Plan(load_config("tiny", base, str(workspace))).checkpoints.root
+    raw = torch.load(root / CHECKPOINTS / "step-00000002" / "state.pt", weights_only=False)["model"]
+    ema = load_checkpoint(root, FINAL, "cpu", use_ema=True)[0].state_dict()
+    plain = load_checkpoint(root, FINAL, "cpu", use_ema=False)[0].state_dict()
+    assert all(torch.equal(plain[k], v) for k, v in raw.items())
+    assert any(not torch.equal(ema[k], v) for k, v in raw.items())  # final alone would sample the EMA
