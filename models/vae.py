@@ -22,10 +22,11 @@ def encode_moments(vae, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     param = next(vae.parameters())
     x = torch.from_numpy(images).to(device=param.device, dtype=param.dtype)
     dist = vae.encode(x).latent_dist
-    return (
-        dist.mean.float().cpu().numpy().astype(np.float16),
-        dist.std.float().cpu().numpy().astype(np.float16),
-    )
+    # std = exp(logvar / 2) in numpy, not torch: torch's multi-threaded exp on CPU can differ in the last bit
+    # between processes (seen on the half of a batch a second thread computes), and a resumed stage must write
+    # the same shards as an uninterrupted one.
+    std = np.exp(0.5 * dist.logvar.double().cpu().numpy())
+    return dist.mean.float().cpu().numpy().astype(np.float16), std.astype(np.float16)
 
 
 @torch.inference_mode()

@@ -83,7 +83,8 @@ def main() -> None:
         ws = Path(tmp)
         latents, captions, shards = make_artifacts(ws, args.samples, 512)
         cfg = load_config("tiny", [f"train.size={args.size}", f"train.model={args.model}", f"train.batch_size={args.batch}",
-                                   f"train.steps={args.steps}", "train.log_every=100000", "train.checkpoint_every=100000"],
+                                   f"train.steps={args.steps}", "train.log_every=100000", "train.checkpoint_every=100000",
+                                   "text.mode=online"],
                           str(ws))  # fmt: skip
         artifact = Artifact(ws, "train", "bench")
         full = train_denoiser.fn(cfg.train, cfg.text, artifact, latents, captions, shards, 1.0)

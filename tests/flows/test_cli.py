@@ -47,8 +47,8 @@ def test_run_executes_every_stage_and_prints_where_outputs_are(pipeline_ws):
         assert art.is_complete(), label
         assert label in proc.stdout and str(art.root) in proc.stdout
     assert [label for label, _, _ in plan.artifacts()] == [
-        "download", "cutmix", "recaption", "recaption (composites)", "latents", "latents (composites)", "train",
-        "evaluate",
+        "download", "cutmix", "recaption", "recaption (composites)", "latents", "text embeddings",
+        "latents (composites)", "text embeddings (composites)", "train", "evaluate",
     ]  # fmt: skip
     assert plan.composites.read_manifest()["rows"] == 192
     assert plan.checkpoints.read_manifest()["cutmix_share"] > 0
@@ -67,10 +67,10 @@ def test_second_run_skips_every_stage_and_rewrites_nothing(pipeline_ws, cli_env)
         if p.is_file() and "models" not in p.parts
     }
     proc = run_cli(["run", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
-    assert proc.stdout.count("complete (") == 8
+    assert proc.stdout.count("complete (") == 10
     log = proc.stdout + proc.stderr
-    for stage in ("download", "cutmix", "recaption", "recaption-composites", "latents", "latents-composites", "train",
-                  "evaluate"):  # fmt: skip
+    for stage in ("download", "cutmix", "recaption", "recaption-composites", "latents", "text", "latents-composites",
+                  "text-composites", "train", "evaluate"):  # fmt: skip
         assert f"[{stage}] already complete" in log
     after = {
         p: (p.stat().st_mtime_ns, p.stat().st_size)
@@ -85,7 +85,7 @@ def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
     proc = run_cli(["status", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
     lines = proc.stdout.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == [
-        "download", "cutmix", "recaption", "recaption", "latents", "latents", "train", "evaluate",
+        "download", "cutmix", "recaption", "recaption", "latents", "text", "latents", "text", "train", "evaluate",
     ]  # fmt: skip
     assert all(" complete " in ln for ln in lines)
     fresh = run_cli(["status", "--preset", "tiny", "--workspace", str(tmp_path / "empty"), *SMALL], cli_env)
@@ -148,6 +148,8 @@ def test_sigkill_mid_stage_then_rerun_keeps_finished_shards_and_matches(
     shutil.copytree(ref_ws / "models", ws / "models")
     shutil.copytree(ref_plan.images.root, ws / "download" / ref_plan.images.fingerprint)
     shutil.copytree(ref_plan.composites.root, ws / "cutmix" / ref_plan.composites.fingerprint)
+    if stage == "latents":  # the preset's latents stage also embeds the captions
+        shutil.copytree(ref_ws / "recaption", ws / "recaption")
     plan = Plan(load_config("tiny", overrides(SMALL), str(ws)))
     artifact, reference = plan.artifact(stage), ref_plan.artifact(stage)
     assert artifact.fingerprint == reference.fingerprint

@@ -72,6 +72,7 @@ def test_disabled_cutmix_is_skipped_and_not_required(prefect_harness, workspace)
         "download",
         "recaption",
         "latents",
+        "text embeddings",
         "train",
         "evaluate",
     ]

@@ -14,10 +14,14 @@ from models.tiny import resolve_model
 from models.vae import decode_latents, load_vae
 from tasks.latents import SHAPE_META_KEY
 
+NO_TEXT = "text.mode=online"  # the preset also embeds captions here; these tests run latents without them
+
 
 def test_latents_store_posterior_mean_and_std(prefect_harness, workspace):
     cfg = load_config(
-        "tiny", ["cutmix.enabled=false", "download.max_images=12", "download.shard_size=5"], str(workspace)
+        "tiny",
+        ["cutmix.enabled=false", NO_TEXT, "download.max_images=12", "download.shard_size=5"],
+        str(workspace),
     )
     download_flow(cfg)
     latents_flow(cfg)
@@ -42,9 +46,9 @@ def test_latents_store_posterior_mean_and_std(prefect_harness, workspace):
 
 
 def test_changing_resolution_lands_in_a_new_artifact_and_keeps_the_old(prefect_harness, workspace):
-    base = ["cutmix.enabled=false", "download.max_images=4"]
+    base = ["cutmix.enabled=false", NO_TEXT, "download.max_images=4"]
     a = load_config("tiny", base, str(workspace))
-    b = load_config("tiny", ["cutmix.enabled=false", *base, "latents.resolution=32"], str(workspace))
+    b = load_config("tiny", [*base, "latents.resolution=32"], str(workspace))
     download_flow(a)
     latents_flow(a)
     latents_flow(b)
@@ -54,7 +58,7 @@ def test_changing_resolution_lands_in_a_new_artifact_and_keeps_the_old(prefect_h
 
 
 def test_manifest_reports_reconstruction_quality_of_the_trained_vae(prefect_harness, workspace):
-    cfg = load_config("tiny", ["cutmix.enabled=false", "download.max_images=64"], str(workspace))
+    cfg = load_config("tiny", ["cutmix.enabled=false", NO_TEXT, "download.max_images=64"], str(workspace))
     download_flow(cfg)
     latents_flow(cfg)
     quality = Plan(cfg).latents.read_manifest()["reconstruction"]
@@ -64,7 +68,9 @@ def test_manifest_reports_reconstruction_quality_of_the_trained_vae(prefect_harn
 
 def test_reconstruction_quality_tells_a_random_vae_from_the_trained_one(prefect_harness, workspace):
     cfg = load_config(
-        "tiny", ["cutmix.enabled=false", "download.max_images=32", "latents.vae=tiny:vae"], str(workspace)
+        "tiny",
+        ["cutmix.enabled=false", NO_TEXT, "download.max_images=32", "latents.vae=tiny:vae"],
+        str(workspace),
     )
     download_flow(cfg)
     latents_flow(cfg)

@@ -33,6 +33,7 @@ OVERRIDES = [
     "train.checkpoint_every=2",
     "train.keep_checkpoints=2",
     "train.warmup_steps=2",
+    "text.mode=online",  # the preset stores embeddings; that path has its own test below
 ]
 
 

@@ -12,6 +12,7 @@ from flows.train import train_flow
 from tasks.train import checkpoint_dirs, load_final
 
 OVERRIDES = [
+    "text.mode=online",
     "cutmix.enabled=false",
     "download.max_images=32",
     "download.shard_size=16",
