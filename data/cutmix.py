@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from data.imaging import center_crop_resize
+from t2i.data.imaging import center_crop_resize
 
 __all__ = [
     "LAYOUTS",

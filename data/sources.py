@@ -49,12 +49,12 @@ class ShapesSource:
         return self.num_images
 
     def identity(self) -> dict[str, Any]:
-        from data import shapes
+        from t2i.data import shapes
 
         return {"kind": "synthetic:shapes", "seed": self.seed, "split": self.split, "version": shapes.VERSION}
 
     def read(self, start: int, stop: int) -> Iterator[SourceItem]:
-        from data import shapes
+        from t2i.data import shapes
 
         for i in range(start, min(stop, self.num_images)):
             scene = shapes.scene(i, seed=self.seed, split=self.split)

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
-from data.shapes import GENERATION_CATEGORIES
-from data.store import atomic_path, fingerprint
-from flows.config import ConfigError, PipelineConfig, with_overrides
-from flows.pipeline import pipeline_flow
-from flows.plan import Plan
-from tasks.shards import publish_markdown, run_logger
+from t2i.data.shapes import GENERATION_CATEGORIES
+from t2i.data.store import atomic_path, fingerprint
+from t2i.flows.config import ConfigError, PipelineConfig, with_overrides
+from t2i.flows.pipeline import pipeline_flow
+from t2i.flows.plan import Plan
+from t2i.tasks.shards import publish_markdown, run_logger
 
 VARIANTS: dict[str, list[str]] = {
     "class": ["recaption.backend=template", "cutmix.enabled=false"],

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from flows.config import ConfigError, PipelineConfig, available_presets, load_config
+from t2i.flows.config import ConfigError, PipelineConfig, available_presets, load_config
 
 STAGE_COMMANDS = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
 UPSTREAM = {
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_shapes_models(which: list[str], out: str | None, steps: int | None) -> int:
     from pathlib import Path
 
-    from models.shapes_models import WEIGHTS_DIR, retrain
+    from t2i.models.shapes_models import WEIGHTS_DIR, retrain
 
     for name in which:
         retrain(name, Path(out) if out else WEIGHTS_DIR, steps=steps)
@@ -112,7 +112,7 @@ def _train_shapes_models(which: list[str], out: str | None, steps: int | None) -
 
 
 def _check_inputs(cfg: PipelineConfig, stage: str) -> None:
-    from flows.plan import Plan
+    from t2i.flows.plan import Plan
 
     plan = Plan(cfg)
     upstreams = UPSTREAM[stage]
@@ -125,15 +125,15 @@ def _check_inputs(cfg: PipelineConfig, stage: str) -> None:
 
 
 def _print_outputs(cfg: PipelineConfig) -> None:
-    from flows.status import format_statuses, stage_statuses
+    from t2i.flows.status import format_statuses, stage_statuses
 
     print("\nOutputs:\n" + format_statuses(stage_statuses(cfg)))
 
 
 def _export_captions(cfg: PipelineConfig, out: str | None, repo: str | None) -> int:
-    from data.caption_sets import export_captions
-    from flows.plan import Plan
-    from tasks.hub import hub_token
+    from t2i.data.caption_sets import export_captions
+    from t2i.flows.plan import Plan
+    from t2i.tasks.hub import hub_token
 
     if not out and not repo:
         print("t2i: export-captions needs --out and/or --push-to-hub", file=sys.stderr)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t2i: {err}", file=sys.stderr)
         return 2
 
-    from flows.plan import MissingInput
+    from t2i.flows.plan import MissingInput
 
     try:
         if args.command == "config":
@@ -175,20 +175,20 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(data) if args.json else yaml.safe_dump(data, sort_keys=False), end="\n")
             return 0
         if args.command == "status":
-            from flows.status import format_statuses, stage_statuses
+            from t2i.flows.status import format_statuses, stage_statuses
 
             print(format_statuses(stage_statuses(cfg)))
             return 0
         if args.command == "export-captions":
             return _export_captions(cfg, args.out, args.push_to_hub)
         if args.command == "serve":
-            from flows.deployments import serve_flows
+            from t2i.flows.deployments import serve_flows
 
             serve_flows(cfg, name=args.name)
             return 0
         started = time.time()
         if args.command == "ablate":
-            from flows.ablation import ablation_flow
+            from t2i.flows.ablation import ablation_flow
 
             result = ablation_flow(cfg, seeds=args.seeds)
             print(f"\n{result['report']}\nreport: {result['path']}/report.md")
@@ -196,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             print(result["summary"])  # last line: class: A, vlm: B, vlm+cutmix: C
             return 0
         if args.command == "run":
-            from flows.pipeline import pipeline_flow
+            from t2i.flows.pipeline import pipeline_flow
 
             pipeline_flow(cfg)
         else:
             _check_inputs(cfg, args.command)
-            from flows.pipeline import STAGE_FLOWS
+            from t2i.flows.pipeline import STAGE_FLOWS
 
             STAGE_FLOWS[args.command](cfg)
         _print_outputs(cfg)

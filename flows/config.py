@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PRESETS_PACKAGE = "flows.presets"
+PRESETS_PACKAGE = "t2i.flows.presets"
 DEFAULT_WORKSPACE = "workspace"
 SOURCE_KINDS = ("synthetic:shapes", "folder:<path>", "hf:<dataset id or saved path>")
 

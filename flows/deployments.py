@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 
-from flows.config import PipelineConfig
+from t2i.flows.config import PipelineConfig
 
 
 def serve_flows(cfg: PipelineConfig, name: str | None = None, limit: int | None = None) -> None:
     from prefect import serve
+    from prefect.types.entrypoint import EntrypointType
 
-    from flows.ablation import ablation_flow
-    from flows.pipeline import STAGE_FLOWS, pipeline_flow
+    from t2i.flows.ablation import ablation_flow
+    from t2i.flows.pipeline import STAGE_FLOWS, pipeline_flow
 
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
@@ -27,8 +28,16 @@ def serve_flows(cfg: PipelineConfig, name: str | None = None, limit: int | None 
             )
     name = name or cfg.preset
     params = {"cfg": cfg.model_dump(mode="json")}
+    # Module entrypoints (`t2i.flows.pipeline.pipeline_flow`) load the installed package wherever the
+    # worker's working directory is; a file entrypoint would import the flow's file a second time.
     deployments = [
-        f.to_deployment(name=name, parameters=params, tags=["t2i", name], enforce_parameter_schema=True)
+        f.to_deployment(
+            name=name,
+            parameters=params,
+            tags=["t2i", name],
+            enforce_parameter_schema=True,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
         for f in (pipeline_flow, *STAGE_FLOWS.values(), ablation_flow)
     ]
     serve(*deployments, limit=limit)

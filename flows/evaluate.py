@@ -7,10 +7,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import PipelineConfig
-from flows.plan import Plan
-from flows.stage_runner import skipped_summary
-from tasks.evaluate import evaluate_checkpoint
+from t2i.flows.config import PipelineConfig
+from t2i.flows.plan import Plan
+from t2i.flows.stage_runner import skipped_summary
+from t2i.tasks.evaluate import evaluate_checkpoint
 
 
 @flow(name="evaluate", description="Sample prompts with CFG and score the images.", log_prints=True)

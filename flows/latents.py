@@ -7,13 +7,13 @@ from typing import Any
 
 from prefect import flow
 
-from data.store import Artifact
-from flows.config import PipelineConfig
-from flows.plan import Plan
-from flows.stage_runner import run_sharded_stage
-from tasks.latents import latent_statistics, latents_shard, reconstruction_quality
-from tasks.shards import run_logger
-from tasks.text import null_embedding, text_shard
+from t2i.data.store import Artifact
+from t2i.flows.config import PipelineConfig
+from t2i.flows.plan import Plan
+from t2i.flows.stage_runner import run_sharded_stage
+from t2i.tasks.latents import latent_statistics, latents_shard, reconstruction_quality
+from t2i.tasks.shards import run_logger
+from t2i.tasks.text import null_embedding, text_shard
 
 
 @flow(

@@ -9,13 +9,13 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import PipelineConfig
-from flows.cutmix import cutmix_flow
-from flows.download import download_flow
-from flows.evaluate import evaluate_flow
-from flows.latents import latents_flow
-from flows.recaption import recaption_flow
-from flows.train import train_flow
+from t2i.flows.config import PipelineConfig
+from t2i.flows.cutmix import cutmix_flow
+from t2i.flows.download import download_flow
+from t2i.flows.evaluate import evaluate_flow
+from t2i.flows.latents import latents_flow
+from t2i.flows.recaption import recaption_flow
+from t2i.flows.train import train_flow
 
 STAGE_FLOWS = {
     "download": download_flow,

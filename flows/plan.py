@@ -8,18 +8,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from data.caption_sets import source_identity
-from data.sources import Source, open_source
-from data.store import Artifact, fingerprint
-from flows.config import PipelineConfig
-from models.tiny import tiny_identities
-from tasks import cutmix as cutmix_task
-from tasks import download as download_task
-from tasks import evaluate as evaluate_task
-from tasks import latents as latents_task
-from tasks import recaption as recaption_task
-from tasks import text as text_task
-from tasks import train as train_task
+from t2i.data.caption_sets import source_identity
+from t2i.data.sources import Source, open_source
+from t2i.data.store import Artifact, fingerprint
+from t2i.flows.config import PipelineConfig
+from t2i.models.tiny import tiny_identities
+from t2i.tasks import cutmix as cutmix_task
+from t2i.tasks import download as download_task
+from t2i.tasks import evaluate as evaluate_task
+from t2i.tasks import latents as latents_task
+from t2i.tasks import recaption as recaption_task
+from t2i.tasks import text as text_task
+from t2i.tasks import train as train_task
 
 STAGES = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
 

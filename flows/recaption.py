@@ -9,11 +9,11 @@ from typing import Any
 
 from prefect import flow
 
-from data.store import Artifact
-from flows.config import PipelineConfig
-from flows.plan import Plan
-from flows.stage_runner import StageRun, skipped_summary
-from tasks.recaption import (
+from t2i.data.store import Artifact
+from t2i.flows.config import PipelineConfig
+from t2i.flows.plan import Plan
+from t2i.flows.stage_runner import StageRun, skipped_summary
+from t2i.tasks.recaption import (
     caption_summary,
     engine_groups,
     part_shards,
@@ -21,7 +21,7 @@ from tasks.recaption import (
     run_worker,
     summary_markdown,
 )
-from tasks.shards import publish_markdown, run_logger
+from t2i.tasks.shards import publish_markdown, run_logger
 
 
 @flow(

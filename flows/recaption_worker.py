@@ -7,13 +7,13 @@ import json
 import sys
 import time
 
-import models  # noqa: F401  (the torchvision shim, before torch is imported)
-from data.store import Artifact
+import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
+from t2i.data.store import Artifact
 
 
 def main() -> int:
-    from flows.config import RecaptionConfig
-    from tasks.recaption import caption_shard
+    from t2i.flows.config import RecaptionConfig
+    from t2i.tasks.recaption import caption_shard
 
     spec = json.loads(sys.stdin.read())
     cfg = RecaptionConfig.model_validate(spec["cfg"])

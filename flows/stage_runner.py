@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from data.store import Artifact, ShardInfo
-from tasks.shards import Progress, run_logger
+from t2i.data.store import Artifact, ShardInfo
+from t2i.tasks.shards import Progress, run_logger
 
 
 def skipped_summary(stage: str, artifact: Artifact) -> dict[str, Any]:

@@ -7,11 +7,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import PipelineConfig
-from flows.plan import Plan
-from flows.stage_runner import skipped_summary
-from models.tiny import resolve_model
-from tasks.train import FINAL, launch_distributed, train_denoiser
+from t2i.flows.config import PipelineConfig
+from t2i.flows.plan import Plan
+from t2i.flows.stage_runner import skipped_summary
+from t2i.models.tiny import resolve_model
+from t2i.tasks.train import FINAL, launch_distributed, train_denoiser
 
 
 def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> dict[str, list[float]]:
@@ -20,7 +20,7 @@ def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> dict[str, list[floa
     of very different spread; one global scale would drown the narrow ones in noise early)."""
     stats = plan.latents.read_manifest()
     if "channel_mean" not in stats:  # a manifest from before per-channel statistics: measure them now
-        from tasks.latents import latent_statistics
+        from t2i.tasks.latents import latent_statistics
 
         stats = latent_statistics(plan.latents, plan.num_shards)
     if cfg.train.scale_factor == "auto":

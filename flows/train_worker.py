@@ -9,13 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-import models  # noqa: F401  (the torchvision shim, before torch is imported)
-from data.store import Artifact, atomic_path
+import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
+from t2i.data.store import Artifact, atomic_path
 
 
 def main(spec_path: str) -> int:
-    from flows.config import TextConfig, TrainConfig
-    from tasks.train import train_denoiser
+    from t2i.flows.config import TextConfig, TrainConfig
+    from t2i.tasks.train import train_denoiser
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(

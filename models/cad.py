@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from models.dit import (
+from t2i.models.dit import (
     Attention,
     Mlp,
     PatchEmbed,
@@ -35,7 +35,7 @@ from models.dit import (
     init_backbone,
     unpatchify,
 )
-from models.dit import count_parameters as count_parameters  # one definition, re-exported
+from t2i.models.dit import count_parameters as count_parameters  # one definition, re-exported
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Rectified flow as in SD3, the modern alternative to the paper's ε-objective: pure torch, no I/O.
 
 Straight-line path x_t = (1 − t)·x0 + t·ε: t = 0 is the clean latent, t = 1 is pure noise (the same time
-direction as `models.diffusion`). The network predicts the velocity v = dx_t/dt = ε − x0 and is trained
+direction as `t2i.models.diffusion`). The network predicts the velocity v = dx_t/dt = ε − x0 and is trained
 with plain MSE; t is logit-normal, which spends more steps on the middle of the path where the target
 is hardest to guess.
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.diffusion import ModelFn, guided_eps
+from t2i.models.diffusion import ModelFn, guided_eps
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import shapes
-from models.tiny import LLAVA_CHAT_TEMPLATE
+from t2i.data import shapes
+from t2i.models.tiny import LLAVA_CHAT_TEMPLATE
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CAPTIONER_PROMPT = "describe the image"
@@ -198,7 +198,7 @@ def _caption_batch(tokenizer, prompt_ids: list[int], captions: list[str]):
 
 def train_captioner(out: Path, recipe: CaptionerRecipe = CaptionerRecipe(), log: Log = print) -> dict:
     """Train on the world's "train" split, save in HF format with vLLM's key names, return the record."""
-    from models.tiny import rename_vision_tower_keys
+    from t2i.models.tiny import rename_vision_tower_keys
 
     torch.set_num_threads(recipe.threads)
     model, processor, tokenizer = _build_captioner(recipe)
@@ -380,7 +380,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @torch.inference_mode()
 def vae_quality(path: str | Path, n: int = 500, batch_size: int = 100) -> dict[str, float]:
     """PSNR and the shapes scorer's overall score on reconstructions of `n` unseen "test" scenes."""
-    from models.vae import decode_latents, load_vae
+    from t2i.models.vae import decode_latents, load_vae
 
     vae = load_vae(str(path))
     psnrs, scores = [], []
@@ -398,7 +398,7 @@ def vae_quality(path: str | Path, n: int = 500, batch_size: int = 100) -> dict[s
 
 def retrain(which: str, out_root: Path, steps: int | None = None, log: Log = print) -> dict:
     """Train `captioner` or `vae` into `out_root/shapes-<which>` (atomically) and grade it."""
-    from data.store import atomic_path
+    from t2i.data.store import atomic_path
 
     out = Path(out_root) / f"shapes-{which}"
     previous = out.with_name(f".previous-{out.name}")

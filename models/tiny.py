@@ -3,7 +3,7 @@
 `resolve_model("tiny:llava", workspace)` builds a randomly initialised model once (seeded, so every machine
 gets the same weights), saves it in Hugging Face format under `<workspace>/models/`, and returns the path;
 `tiny:shapes-captioner` and `tiny:shapes-vae` are the committed models trained on the shapes world
-(`models.shapes_models`). Any other reference (a Hub id or a local path) is returned unchanged, so the
+(`t2i.models.shapes_models`). Any other reference (a Hub id or a local path) is returned unchanged, so the
 loading code is the real one either way.
 """
 
@@ -55,7 +55,7 @@ def tiny_identity(ref: str) -> str:
     name = ref[len(TINY_PREFIX) :]
     if name not in TRAINED:
         return f"built-v{TINY_VERSION}"
-    from models.shapes_models import WEIGHTS_DIR
+    from t2i.models.shapes_models import WEIGHTS_DIR
 
     folder = WEIGHTS_DIR / TRAINED[name]
     if not folder.is_dir():
@@ -89,7 +89,7 @@ def resolve_model(ref: str, workspace: str | Path) -> str:
         return ref
     name = ref[len(TINY_PREFIX) :]
     if name in TRAINED:
-        from models.shapes_models import WEIGHTS_DIR
+        from t2i.models.shapes_models import WEIGHTS_DIR
 
         path = WEIGHTS_DIR / TRAINED[name]
         if not (path / "config.json").is_file():
@@ -104,7 +104,7 @@ def resolve_model(ref: str, workspace: str | Path) -> str:
     out = Path(workspace) / "models" / f"tiny-{name}-v{TINY_VERSION}"
     if (out / "config.json").is_file():
         return str(out)
-    from data.store import atomic_path
+    from t2i.data.store import atomic_path
 
     try:
         with atomic_path(out) as tmp:
@@ -324,7 +324,7 @@ def build_tiny_t5(out: Path, seed: int = 0, context: float = 0.6) -> None:
     tokenizer.save_pretrained(out)
 
 
-# Trained on the shapes world by `models.shapes_models` and committed under models/weights/.
+# Trained on the shapes world by `t2i.models.shapes_models` and committed under models/weights/.
 TRAINED: dict[str, str] = {"shapes-captioner": "shapes-captioner", "shapes-vae": "shapes-vae"}
 
 BUILDERS: dict[str, Callable[[Path], None]] = {

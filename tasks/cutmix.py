@@ -15,14 +15,14 @@ import numpy as np
 import pyarrow as pa
 from prefect import task
 
-from data.cutmix import CutmixBox, compose, plan_composite
-from data.imaging import RejectedImage, decode_image, encode_image
-from data.schemas import IMAGES
-from data.store import Artifact, Reject, ShardInfo
-from tasks.shards import SHARD_TASK_OPTIONS
+from t2i.data.cutmix import CutmixBox, compose, plan_composite
+from t2i.data.imaging import RejectedImage, decode_image, encode_image
+from t2i.data.schemas import IMAGES
+from t2i.data.store import Artifact, Reject, ShardInfo
+from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
-    from flows.config import CutmixConfig
+    from t2i.flows.config import CutmixConfig
 
 VERSION = 1
 

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 from prefect import task
 
-from data.imaging import RejectedImage, prepare_image_bytes
-from data.schemas import IMAGES
-from data.sources import Source, attributes_json
-from data.store import Artifact, Reject, ShardInfo
-from tasks.shards import SHARD_TASK_OPTIONS
+from t2i.data.imaging import RejectedImage, prepare_image_bytes
+from t2i.data.schemas import IMAGES
+from t2i.data.sources import Source, attributes_json
+from t2i.data.store import Artifact, Reject, ShardInfo
+from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:  # configs are defined with the flows; tasks only receive them
-    from flows.config import DownloadConfig
+    from t2i.flows.config import DownloadConfig
 
 VERSION = 1
 

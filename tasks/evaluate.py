@@ -17,19 +17,19 @@ import torch
 from PIL import Image
 from prefect import task
 
-from data.store import Artifact, atomic_path
-from models.diffusion import ddim_sample, ddpm_sample
-from models.ema import EMA
-from models.flow_matching import euler_sample
-from models.tiny import resolve_model
-from models.vae import decode_latents
-from tasks.model_cache import cached_model, pick_device
-from tasks.shards import Progress, publish_markdown, run_logger
-from tasks.text import OnlineText
-from tasks.train import CHECKPOINTS, FINAL, checkpoint_dirs, load_final, step_generator, to_vae_latents
+from t2i.data.store import Artifact, atomic_path
+from t2i.models.diffusion import ddim_sample, ddpm_sample
+from t2i.models.ema import EMA
+from t2i.models.flow_matching import euler_sample
+from t2i.models.tiny import resolve_model
+from t2i.models.vae import decode_latents
+from t2i.tasks.model_cache import cached_model, pick_device
+from t2i.tasks.shards import Progress, publish_markdown, run_logger
+from t2i.tasks.text import OnlineText
+from t2i.tasks.train import CHECKPOINTS, FINAL, checkpoint_dirs, load_final, step_generator, to_vae_latents
 
 if TYPE_CHECKING:
-    from flows.config import EvaluateConfig, LatentsConfig
+    from t2i.flows.config import EvaluateConfig, LatentsConfig
 
 VERSION = 1
 CLASS_PROMPT = "An image of {class_name}"  # the recaption stage's default template
@@ -39,7 +39,7 @@ CLASS_PROMPT = "An image of {class_name}"  # the recaption stage's default templ
 class PromptItem:
     index: int
     text: str
-    scene: Any = None  # a data.shapes.Scene when the prompt comes from the shapes world
+    scene: Any = None  # a t2i.data.shapes.Scene when the prompt comes from the shapes world
     meta: str | None = None  # GenEval: the prompt's metadata line, verbatim; DPG-Bench: the prompt id
     reference: bytes | None = None  # held-out captions: the encoded real image the caption describes
 
@@ -47,7 +47,7 @@ class PromptItem:
 def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]:
     kind, _, rest = spec.partition(":")
     if kind in ("shapes", "shapes-class"):
-        from data import shapes
+        from t2i.data import shapes
 
         scenes = [shapes.scene(i, seed=seed, split=rest) for i in range(num_prompts)]
         if kind == "shapes-class":  # the template captioner's text for the scene's class
@@ -227,8 +227,8 @@ def reference_images(prompts: list[PromptItem], resolution: int) -> list[Image.I
     None when the prompt set has none (GenEval, DPG-Bench, text files): then no FID/KID."""
     if any(p.reference is None and p.scene is None for p in prompts):
         return None
-    from data import shapes
-    from data.imaging import center_crop_resize, decode_image
+    from t2i.data import shapes
+    from t2i.data.imaging import center_crop_resize, decode_image
 
     out = []
     for p in prompts:
@@ -252,7 +252,7 @@ def image_metrics(
     if all(p.scene is not None for p in prompts):
         metrics["shapes"] = shapes_metrics(images, [p.scene for p, _ in jobs], prompts[0].meta == "class")
     if cfg.feature_extractor != "none" and reference is not None:
-        from tasks.metrics import fidelity_metrics
+        from t2i.tasks.metrics import fidelity_metrics
 
         metrics["fidelity"] = fidelity_metrics(
             reference,
@@ -262,7 +262,7 @@ def image_metrics(
             device=pick_device(cfg.device),
         )
     if cfg.clip_model:
-        from tasks.metrics import clip_score
+        from t2i.tasks.metrics import clip_score
 
         path = resolve_model(cfg.clip_model, workspace)
         metrics["clip_score"] = clip_score(
@@ -283,7 +283,7 @@ def evaluate_checkpoint(
     reference = reference_images(prompts, latents_cfg.resolution)
     # Fail before sampling, not after: the metric models must be on disk (no download at this point).
     if cfg.feature_extractor == "inception" and reference is not None:
-        from tasks.metrics import inception_weights_file
+        from t2i.tasks.metrics import inception_weights_file
 
         inception_weights_file(cfg.inception_weights)
     if cfg.clip_model:
@@ -395,7 +395,7 @@ def shapes_metrics(
     images: list[Image.Image], scenes: list[Any], class_prompts: bool = False
 ) -> dict[str, Any]:
     """Share of generated images that show what the prompt asked for, per category, against chance."""
-    from data import shapes
+    from t2i.data import shapes
 
     score = shapes.score_class_generation if class_prompts else shapes.score_generation
     totals: dict[str, list[float]] = {}

@@ -9,16 +9,16 @@ import numpy as np
 import pyarrow as pa
 from prefect import task
 
-from data.imaging import RejectedImage, center_crop_resize, decode_image, to_tensor_range
-from data.schemas import LATENTS
-from data.store import Artifact, Reject, ShardInfo
-from models.tiny import resolve_model
-from models.vae import encode_moments
-from tasks.model_cache import cached_model, pick_device
-from tasks.shards import SHARD_TASK_OPTIONS
+from t2i.data.imaging import RejectedImage, center_crop_resize, decode_image, to_tensor_range
+from t2i.data.schemas import LATENTS
+from t2i.data.store import Artifact, Reject, ShardInfo
+from t2i.models.tiny import resolve_model
+from t2i.models.vae import encode_moments
+from t2i.tasks.model_cache import cached_model, pick_device
+from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
-    from flows.config import LatentsConfig
+    from t2i.flows.config import LatentsConfig
 
 VERSION = 1
 SHAPE_META_KEY = b"t2i.latent_shape"
@@ -96,9 +96,9 @@ def reconstruction_quality(
     import torch
     from PIL import Image
 
-    from data import shapes
-    from models.shapes_models import psnr
-    from models.vae import decode_latents
+    from t2i.data import shapes
+    from t2i.models.shapes_models import psnr
+    from t2i.models.vae import decode_latents
 
     vae = load_vae_for(cfg, artifact)
     decoded, truth, scores = [], [], []

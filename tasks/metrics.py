@@ -9,7 +9,7 @@ pipeline against each other but are not Inception FID, and say so in the result.
 
 from __future__ import annotations
 
-import models  # noqa: F401  (the torchvision shim: torch_fidelity and transformers import torchvision)
+import t2i.models  # noqa: F401  (the torchvision shim: torch_fidelity and transformers import torchvision)
 
 # isort: split
 import math
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from tasks.model_cache import pick_device
+from t2i.tasks.model_cache import pick_device
 
 ImageLike = Image.Image | np.ndarray
 

@@ -19,7 +19,7 @@ def pick_device(device: str) -> str:
 def _cached(kind: str, key: str) -> Any:
     spec = json.loads(key)
     if kind == "captioner":
-        from models.captioners import TemplateCaptioner, TransformersCaptioner, VLLMCaptioner
+        from t2i.models.captioners import TemplateCaptioner, TransformersCaptioner, VLLMCaptioner
 
         backend = spec.pop("backend")
         if backend == "template":
@@ -46,17 +46,17 @@ def _cached(kind: str, key: str) -> Any:
             spec["path"], batch_size=spec["batch_size"], device=spec["device"], **common
         )
     if kind == "imported":
-        from data.caption_sets import CaptionLookup, load_caption_table
-        from tasks.hub import hub_token
+        from t2i.data.caption_sets import CaptionLookup, load_caption_table
+        from t2i.tasks.hub import hub_token
 
         table = load_caption_table(spec["source"], spec["key_column"], spec["caption_column"], hub_token())
         return CaptionLookup(table)
     if kind == "vae":
-        from models.vae import load_vae
+        from t2i.models.vae import load_vae
 
         return load_vae(spec["path"], device=spec["device"], dtype=spec["dtype"], revision=spec["revision"])
     if kind == "text":
-        from models.text_encoder import TextEncoder
+        from t2i.models.text_encoder import TextEncoder
 
         return TextEncoder(
             spec["path"],

@@ -24,16 +24,16 @@ import pyarrow as pa
 from PIL import Image
 from prefect import task
 
-from data.imaging import RejectedImage, decode_image
-from data.schemas import captions_schema
-from data.store import Artifact, Reject, ShardInfo
-from models.captioners import Caption, Captioner
-from models.tiny import resolve_model
-from tasks.model_cache import cached_model
-from tasks.shards import SHARD_TASK_OPTIONS, run_logger
+from t2i.data.imaging import RejectedImage, decode_image
+from t2i.data.schemas import captions_schema
+from t2i.data.store import Artifact, Reject, ShardInfo
+from t2i.models.captioners import Caption, Captioner
+from t2i.models.tiny import resolve_model
+from t2i.tasks.model_cache import cached_model
+from t2i.tasks.shards import SHARD_TASK_OPTIONS, run_logger
 
 if TYPE_CHECKING:
-    from flows.config import RecaptionConfig
+    from t2i.flows.config import RecaptionConfig
 
 VERSION = 2
 
@@ -248,7 +248,7 @@ def run_worker(
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.recaption_worker"],
+        [sys.executable, "-m", "t2i.flows.recaption_worker"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
@@ -276,10 +276,10 @@ def run_worker(
 def ground_truth_accuracy(captions: Artifact, images: Artifact, num_shards: int) -> dict | None:
     """Captions graded against the source's ground truth, where it has one (the shapes world does).
 
-    Shapes scenes are graded per attribute (`data.shapes.caption_scores`); other ground-truth captions by
+    Shapes scenes are graded per attribute (`t2i.data.shapes.caption_scores`); other ground-truth captions by
     exact word match. None when no image has ground truth (ImageNet).
     """
-    from data import shapes
+    from t2i.data import shapes
 
     totals: dict[str, float] = {}
     graded = 0

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from data.store import Artifact
+from t2i.data.store import Artifact
 
 
 def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:

@@ -18,14 +18,14 @@ import pyarrow as pa
 import torch
 from prefect import task
 
-from data.schemas import TEXT_EMBEDDINGS
-from data.store import Artifact, ShardInfo
-from models.tiny import resolve_model
-from tasks.model_cache import cached_model, pick_device
-from tasks.shards import SHARD_TASK_OPTIONS
+from t2i.data.schemas import TEXT_EMBEDDINGS
+from t2i.data.store import Artifact, ShardInfo
+from t2i.models.tiny import resolve_model
+from t2i.tasks.model_cache import cached_model, pick_device
+from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
-    from flows.config import TextConfig
+    from t2i.flows.config import TextConfig
 
 VERSION = 1
 DIM_META_KEY = b"t2i.text_dim"

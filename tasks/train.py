@@ -22,20 +22,20 @@ import numpy as np
 import torch
 from prefect import task
 
-from data.store import Artifact, atomic_path
-from models.cad import self_conditioned_forward
-from models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
-from models.diffusion import EpsilonObjective
-from models.dit import DiT, DiTConfig, build_dit, count_parameters
-from models.ema import EMA
-from models.flow_matching import RectifiedFlowObjective
-from tasks.latents import SHAPE_META_KEY
-from tasks.model_cache import cached_model, pick_device
-from tasks.shards import publish_markdown, run_logger
-from tasks.text import text_conditioning
+from t2i.data.store import Artifact, atomic_path
+from t2i.models.cad import self_conditioned_forward
+from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
+from t2i.models.diffusion import EpsilonObjective
+from t2i.models.dit import DiT, DiTConfig, build_dit, count_parameters
+from t2i.models.ema import EMA
+from t2i.models.flow_matching import RectifiedFlowObjective
+from t2i.tasks.latents import SHAPE_META_KEY
+from t2i.tasks.model_cache import cached_model, pick_device
+from t2i.tasks.shards import publish_markdown, run_logger
+from t2i.tasks.text import text_conditioning
 
 if TYPE_CHECKING:
-    from flows.config import TextConfig, TrainConfig
+    from t2i.flows.config import TextConfig, TrainConfig
 
 VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -130,7 +130,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "lamb":
-        from models.lamb import Lamb
+        from t2i.models.lamb import Lamb
 
         return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
@@ -190,7 +190,7 @@ def build_denoiser(architecture: str, size: str, **overrides) -> torch.nn.Module
     if overrides.get("patch_size", 0) is None:
         del overrides["patch_size"]
     if architecture == "cad":
-        from models.cad import build_cad
+        from t2i.models.cad import build_cad
 
         return build_cad(size, **overrides)
     return build_dit(size, **overrides)
@@ -201,7 +201,7 @@ def load_final(root: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[s
 
     meta = json.loads((root / FINAL / "config.json").read_text())
     if meta.get("architecture") == "cad":
-        from models.cad import CAD, CADConfig
+        from t2i.models.cad import CAD, CADConfig
 
         model = CAD(CADConfig(**meta["model_config"]))
     else:
@@ -232,9 +232,9 @@ class SamplePreview:
     def sample(self, ema: EMA, step: int):
         from PIL import Image
 
-        from models.diffusion import ddim_sample
-        from models.flow_matching import euler_sample
-        from models.vae import decode_latents
+        from t2i.models.diffusion import ddim_sample
+        from t2i.models.flow_matching import euler_sample
+        from t2i.models.vae import decode_latents
 
         vae = cached_model("vae", path=self.vae_path, device="cpu", dtype="float32", revision=None)
         model = self.build()
@@ -545,7 +545,7 @@ def launch_distributed(
     if cfg.node_rank == 0:
         result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, processes)]
-    cmd += ["-m", "flows.train_worker", str(spec_path)]
+    cmd += ["-m", "t2i.flows.train_worker", str(spec_path)]
     log.info(f"[train] launching {processes} processes on node {cfg.node_rank}: {' '.join(cmd[2:])}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import models  # noqa: E402,F401  (applies the torchvision shim before anything imports torch)
+import t2i.models  # noqa: E402,F401  (applies the torchvision shim before anything imports torch)
 
 REPO = Path(__file__).resolve().parents[1]
 T2I = str(Path(sys.executable).with_name("t2i"))
@@ -29,7 +29,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """A workspace-shaped folder holding the three tiny models, built once; copy it into test workspaces."""
-    from models.tiny import resolve_model
+    from t2i.models.tiny import resolve_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     for ref in ("tiny:llava", "tiny:vae", "tiny:t5"):

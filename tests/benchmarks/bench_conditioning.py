@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import models  # noqa: E402,F401  (torchvision shim)
+import t2i.models  # noqa: E402,F401  (torchvision shim)
 
 
 def main() -> None:
@@ -37,9 +34,9 @@ def main() -> None:
 
     import json
 
-    from flows.config import load_config
-    from flows.pipeline import pipeline_flow
-    from flows.plan import Plan
+    from t2i.flows.config import load_config
+    from t2i.flows.pipeline import pipeline_flow
+    from t2i.flows.plan import Plan
 
     with tempfile.TemporaryDirectory() as ws:
         cfg = load_config(

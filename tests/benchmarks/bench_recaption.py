@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import models  # noqa: E402,F401  (torchvision shim)
+import t2i.models  # noqa: E402,F401  (torchvision shim)
 
 
 def main() -> None:
@@ -36,8 +34,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from models.captioners import TransformersCaptioner, VLLMCaptioner
-    from models.tiny import build_tiny_llava
+    from t2i.models.captioners import TransformersCaptioner, VLLMCaptioner
+    from t2i.models.tiny import build_tiny_llava
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(args.images)]

@@ -13,25 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import models  # noqa: E402,F401  (torchvision shim)
+import t2i.models  # noqa: E402,F401  (torchvision shim)
 
 
 def make_artifacts(root: Path, samples: int, shard: int):
     import numpy as np
     import pyarrow as pa
 
-    from data import shapes
-    from data.schemas import CAPTIONS, LATENTS
-    from data.store import Artifact
-    from tasks.latents import SHAPE_META_KEY
+    from t2i.data import shapes
+    from t2i.data.schemas import CAPTIONS, LATENTS
+    from t2i.data.store import Artifact
+    from t2i.tasks.latents import SHAPE_META_KEY
 
     rng = np.random.default_rng(0)
     latents, captions = Artifact(root, "latents", "bench"), Artifact(root, "recaption", "bench")
@@ -70,14 +68,14 @@ def main() -> None:
 
     import torch
 
-    from data.store import Artifact
-    from flows.config import load_config
-    from models.diffusion import EpsilonObjective
-    from models.ema import EMA
-    from models.tiny import resolve_model
-    from tasks.model_cache import cached_model
-    from tasks.text import null_embedding, text_shard
-    from tasks.train import build_denoiser, make_optimizer, train_denoiser
+    from t2i.data.store import Artifact
+    from t2i.flows.config import load_config
+    from t2i.models.diffusion import EpsilonObjective
+    from t2i.models.ema import EMA
+    from t2i.models.tiny import resolve_model
+    from t2i.tasks.model_cache import cached_model
+    from t2i.tasks.text import null_embedding, text_shard
+    from t2i.tasks.train import build_denoiser, make_optimizer, train_denoiser
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)

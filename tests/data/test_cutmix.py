@@ -1,4 +1,4 @@
-"""Tests for data.cutmix: the recipe's four layouts, exact at 256 and scaled elsewhere, partners and pasting."""
+"""Tests for t2i.data.cutmix: the recipe's four layouts, exact at 256 and scaled elsewhere, partners and pasting."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.cutmix import LAYOUTS, CutmixBox, choose_layout, compose, pick_partner, plan_composite, sample_box
+from t2i.data.cutmix import (
+    LAYOUTS,
+    CutmixBox,
+    choose_layout,
+    compose,
+    pick_partner,
+    plan_composite,
+    sample_box,
+)
 
 DRAWS = 2000
 

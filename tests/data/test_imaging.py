@@ -1,4 +1,4 @@
-"""Tests for data.imaging: every bad file is rejected with the right reason, every good one survives intact."""
+"""Tests for t2i.data.imaging: every bad file is rejected with the right reason, every good one survives intact."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from data import imaging
-from data.imaging import (
+from t2i.data import imaging
+from t2i.data.imaging import (
     REJECT_REASONS,
     RejectedImage,
     center_crop_resize,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data.shapes import (
+from t2i.data.shapes import (
     BACKGROUNDS,
     CLASS_NAMES,
     COLOURS,

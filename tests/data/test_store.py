@@ -4,7 +4,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from data.store import Artifact, Reject, atomic_path, fingerprint
+from t2i.data.store import Artifact, Reject, atomic_path, fingerprint
 
 
 def table(n: int) -> pa.Table:

@@ -4,8 +4,8 @@ import json
 import re
 from pathlib import Path
 
-from flows.ablation import VARIANTS, summarise
-from flows.cli import main
+from t2i.flows.ablation import VARIANTS, summarise
+from t2i.flows.cli import main
 
 SMALL = [
     "download.max_images=48",

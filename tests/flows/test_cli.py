@@ -9,8 +9,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from flows.config import load_config
-from flows.plan import Plan
+from t2i.flows.config import load_config
+from t2i.flows.plan import Plan
 from tests.conftest import T2I, run_cli
 
 SMALL = [

@@ -1,6 +1,6 @@
 import pytest
 
-from flows.config import ConfigError, available_presets, load_config
+from t2i.flows.config import ConfigError, available_presets, load_config
 
 
 def test_presets_validate_and_keep_the_papers_numbers():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import load_config
-from flows.plan import Plan
+from t2i.flows.config import load_config
+from t2i.flows.plan import Plan
 from tests.conftest import T2I
 
 PREFECT = str(Path(T2I).with_name("prefect"))
@@ -30,6 +30,7 @@ def served(prefect_server, cli_env, workspace):
     proc = subprocess.Popen(
         [T2I, "serve", "--preset", "tiny", "--workspace", str(workspace), "--name", "ci"],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=workspace.parent,  # not the repository: the flows load from the installed package
     )  # fmt: skip
     url = prefect_server["url"]
     try:
@@ -57,6 +58,8 @@ def test_served_flows_have_a_config_form_and_a_triggered_run_executes(served, cl
     flows = {f["id"]: f["name"] for f in _api(url, "/flows/filter", {})}
     deployed = sorted(flows[d["flow_id"]] for d in _api(url, "/deployments/filter", {}))
     assert deployed == FLOWS
+    entrypoints = [d["entrypoint"] for d in _api(url, "/deployments/filter", {})]
+    assert {e.rsplit(".", 2)[0] for e in entrypoints} == {"t2i.flows"}, entrypoints
     schema = deployments["ci"]["parameter_openapi_schema"]
     assert "cfg" in schema["properties"] and "definitions" in schema
     assert {"download", "recaption", "latents", "train", "evaluate"} <= set(

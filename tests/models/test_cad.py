@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.cad import CAD, CAD_SIZES, CADConfig, build_cad, count_parameters, self_conditioned_forward
+from t2i.models.cad import CAD, CAD_SIZES, CADConfig, build_cad, count_parameters, self_conditioned_forward
 
 TEXT_DIM = 24
 SMALL = CADConfig(

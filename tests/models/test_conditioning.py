@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.conditioning import (
+from t2i.models.conditioning import (
     apply_text_dropout,
     cfg_dropout_mask,
     cutmix_gate,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.diffusion import (
+from t2i.models.diffusion import (
     EpsilonObjective,
     add_noise,
     ddim_sample,
@@ -9,8 +9,8 @@ from models.diffusion import (
     gamma,
     guided_eps,
 )
-from models.dit import DiT, DiTConfig
-from models.ema import EMA
+from t2i.models.dit import DiT, DiTConfig
+from t2i.models.ema import EMA
 
 SHAPE = (3, 4, 8, 8)
 

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.dit import DIT_SIZES, DiT, DiTConfig, build_dit, count_parameters
+from t2i.models.dit import DIT_SIZES, DiT, DiTConfig, build_dit, count_parameters
 
 TEXT_DIM = 24
 TINY = DiTConfig(

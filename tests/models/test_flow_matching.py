@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models.diffusion import guided_eps
-from models.dit import DiT, DiTConfig
-from models.flow_matching import (
+from t2i.models.diffusion import guided_eps
+from t2i.models.dit import DiT, DiTConfig
+from t2i.models.flow_matching import (
     RectifiedFlowObjective,
     euler_sample,
     interpolate,

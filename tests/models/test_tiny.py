@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
-from models.tiny import build_tiny_t5
+from t2i.models.tiny import build_tiny_t5
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import shutil
 
 import numpy as np
 
-from data.imaging import decode_image
-from flows.config import load_config
-from flows.cutmix import cutmix_flow
-from flows.download import download_flow
-from flows.plan import Plan
+from t2i.data.imaging import decode_image
+from t2i.flows.config import load_config
+from t2i.flows.cutmix import cutmix_flow
+from t2i.flows.download import download_flow
+from t2i.flows.plan import Plan
 
 OVERRIDES = ["download.max_images=48", "download.shard_size=12", "cutmix.partner_shards=2"]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.imaging import decode_image
-from flows.config import load_config
-from flows.download import download_flow
-from flows.plan import Plan
+from t2i.data.imaging import decode_image
+from t2i.flows.config import load_config
+from t2i.flows.download import download_flow
+from t2i.flows.plan import Plan
 
 
 def _bytes(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -132,7 +132,7 @@ def test_synthetic_source_is_deterministic_with_ground_truth(prefect_harness, wo
     download_flow(cfg)
     art = Plan(cfg).images
     assert art.read_manifest()["rows"] == 20 and len(art.read_manifest()["shards"]) == 3
-    from data import shapes
+    from t2i.data import shapes
 
     row = art.read_shard(1).to_pylist()[0]
     scene = shapes.scene(8, seed=0, split="train")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data import shapes
-from flows.config import load_config
-from tasks.evaluate import image_grid, load_prompts, shapes_metrics
+from t2i.data import shapes
+from t2i.flows.config import load_config
+from t2i.tasks.evaluate import image_grid, load_prompts, shapes_metrics
 
 
 def test_prompt_sets(tmp_path):
@@ -45,10 +45,10 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 @pytest.fixture
 def trained(prefect_harness, workspace):
-    from flows.download import download_flow
-    from flows.latents import latents_flow
-    from flows.recaption import recaption_flow
-    from flows.train import train_flow
+    from t2i.flows.download import download_flow
+    from t2i.flows.latents import latents_flow
+    from t2i.flows.recaption import recaption_flow
+    from t2i.flows.train import train_flow
 
     base = ["cutmix.enabled=false", "download.max_images=16", "recaption.backend=template", "train.steps=2",
             "train.batch_size=4", "train.sample_prompts=0", "evaluate.steps=2"]  # fmt: skip
@@ -62,7 +62,7 @@ def trained(prefect_harness, workspace):
     not (SHARED / "geneval").is_dir(), reason="GenEval prompts not available (../shared/data)"
 )
 def test_geneval_folder_has_the_official_structure(trained):
-    from flows.evaluate import evaluate_flow
+    from t2i.flows.evaluate import evaluate_flow
 
     base, workspace = trained
     metadata = SHARED / "geneval" / "evaluation_metadata.jsonl"
@@ -84,7 +84,7 @@ def test_geneval_folder_has_the_official_structure(trained):
     not (SHARED / "dpg_bench").is_dir(), reason="DPG-Bench prompts not available (../shared/data)"
 )
 def test_dpg_bench_writes_a_2x2_grid_per_prompt_named_by_id(trained):
-    from flows.evaluate import evaluate_flow
+    from t2i.flows.evaluate import evaluate_flow
 
     base, workspace = trained
     folder = SHARED / "dpg_bench" / "prompts"
@@ -96,8 +96,8 @@ def test_dpg_bench_writes_a_2x2_grid_per_prompt_named_by_id(trained):
 
 
 def test_heldout_captions_are_prompts_and_their_images_the_fid_reference(trained):
-    from flows.evaluate import evaluate_flow
-    from flows.plan import Plan
+    from t2i.flows.evaluate import evaluate_flow
+    from t2i.flows.plan import Plan
 
     base, workspace = trained
     captions = Plan(load_config("tiny", base, str(workspace))).captions.root  # stands in for a held-out split
@@ -114,8 +114,8 @@ def test_heldout_captions_are_prompts_and_their_images_the_fid_reference(trained
 
 
 def test_several_checkpoints_get_a_comparison_table(trained):
-    from flows.evaluate import evaluate_flow
-    from flows.plan import Plan
+    from t2i.flows.evaluate import evaluate_flow
+    from t2i.flows.plan import Plan
 
     base, workspace = trained
     cfg = load_config("tiny", [*base, "evaluate.checkpoints=[all]", "evaluate.num_prompts=8"], str(workspace))
@@ -130,8 +130,8 @@ def test_several_checkpoints_get_a_comparison_table(trained):
 
 
 def test_bad_checkpoint_names_and_missing_metric_models_fail_before_sampling(trained):
-    from flows.evaluate import evaluate_flow
-    from flows.plan import Plan
+    from t2i.flows.evaluate import evaluate_flow
+    from t2i.flows.plan import Plan
 
     base, workspace = trained
     cfg = load_config("tiny", [*base, "evaluate.checkpoints=[step-00000099]"], str(workspace))
@@ -152,9 +152,9 @@ def test_bad_checkpoint_names_and_missing_metric_models_fail_before_sampling(tra
 
 
 def test_use_ema_false_samples_the_raw_weights_of_final(trained):
-    from flows.plan import Plan
-    from tasks.evaluate import load_checkpoint
-    from tasks.train import CHECKPOINTS, FINAL
+    from t2i.flows.plan import Plan
+    from t2i.tasks.evaluate import load_checkpoint
+    from t2i.tasks.train import CHECKPOINTS, FINAL
 
     base, workspace = trained
     root = Plan(load_config("tiny", base, str(workspace))).checkpoints.root

@@ -5,14 +5,14 @@ import json
 import numpy as np
 import torch
 
-from data.imaging import center_crop_resize, decode_image, to_tensor_range
-from flows.config import load_config
-from flows.download import download_flow
-from flows.latents import latents_flow
-from flows.plan import Plan
-from models.tiny import resolve_model
-from models.vae import decode_latents, load_vae
-from tasks.latents import SHAPE_META_KEY
+from t2i.data.imaging import center_crop_resize, decode_image, to_tensor_range
+from t2i.flows.config import load_config
+from t2i.flows.download import download_flow
+from t2i.flows.latents import latents_flow
+from t2i.flows.plan import Plan
+from t2i.models.tiny import resolve_model
+from t2i.models.vae import decode_latents, load_vae
+from t2i.tasks.latents import SHAPE_META_KEY
 
 NO_TEXT = "text.mode=online"  # the preset also embeds captions here; these tests run latents without them
 

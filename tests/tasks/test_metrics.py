@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import shapes
-from tasks.metrics import clip_score, fidelity_metrics
+from t2i.data import shapes
+from t2i.tasks.metrics import clip_score, fidelity_metrics
 
 
 def _shapes(start: int, count: int) -> list[Image.Image]:

@@ -6,9 +6,9 @@ template captions, latents from the trained VAE, the tiny T5, training, sampling
 the shapes scorer); a denoiser that ignored its text would land near the chance level the scorer reports.
 """
 
-from flows.config import load_config
-from flows.pipeline import pipeline_flow
-from flows.plan import Plan
+from t2i.flows.config import load_config
+from t2i.flows.pipeline import pipeline_flow
+from t2i.flows.plan import Plan
 
 STEPS = 1200  # ~75 s on 2 CPU cores; the benchmark trains longer on more images
 

@@ -7,16 +7,16 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from data.imaging import encode_image
-from data.schemas import IMAGES
-from data.store import Artifact
-from flows.config import load_config
-from flows.download import download_flow
-from flows.plan import Plan
-from flows.recaption import recaption_flow
-from models.captioners import Caption, TransformersCaptioner, postprocess_caption
-from models.tiny import TINY_VERSION
-from tasks.recaption import (
+from t2i.data.imaging import encode_image
+from t2i.data.schemas import IMAGES
+from t2i.data.store import Artifact
+from t2i.flows.config import load_config
+from t2i.flows.download import download_flow
+from t2i.flows.plan import Plan
+from t2i.flows.recaption import recaption_flow
+from t2i.models.captioners import Caption, TransformersCaptioner, postprocess_caption
+from t2i.models.tiny import TINY_VERSION
+from t2i.tasks.recaption import (
     caption_isolating_failures,
     caption_shard,
     load_captioner,
@@ -72,7 +72,7 @@ def test_vllm_greedy_tokens_match_transformers_generate(vllm_captioner, tiny_mod
 def _hf_ids(hf: TransformersCaptioner, image: Image.Image) -> list[int]:
     import torch
 
-    from models.captioners import chat_prompt
+    from t2i.models.captioners import chat_prompt
 
     inputs = hf.processor(
         images=[image], text=[chat_prompt(hf.processor, "describe the image")], return_tensors="pt"
@@ -235,7 +235,7 @@ def test_two_parts_with_two_engines_equal_one_worker(prefect_harness, workspace,
 
 
 def test_imported_captions_round_trip_through_export(prefect_harness, workspace, tmp_path):
-    from data.caption_sets import export_captions
+    from t2i.data.caption_sets import export_captions
 
     cfg = load_config("tiny", ["cutmix.enabled=false", "download.max_images=30", "download.shard_size=8", "recaption.backend=template",
                                "recaption.template=a picture of a {class_name}"], str(workspace))  # fmt: skip
@@ -269,7 +269,7 @@ def test_imported_captions_round_trip_through_export(prefect_harness, workspace,
 
 
 def test_a_shard_where_every_item_fails_is_an_error_not_a_shard_of_rejects(workspace, monkeypatch):
-    import tasks.recaption as rc
+    import t2i.tasks.recaption as rc
 
     good = [encode_image(im) for im in images(3)]
     rows = [

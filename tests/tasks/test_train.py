@@ -6,14 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.config import load_config
-from flows.download import download_flow
-from flows.latents import latents_flow
-from flows.plan import Plan
-from flows.recaption import recaption_flow
-from flows.train import resolve_scale_factor, train_flow
-from tasks.text import OnlineText, PrecomputedText, load_encoder
-from tasks.train import (
+from t2i.flows.config import load_config
+from t2i.flows.download import download_flow
+from t2i.flows.latents import latents_flow
+from t2i.flows.plan import Plan
+from t2i.flows.recaption import recaption_flow
+from t2i.flows.train import resolve_scale_factor, train_flow
+from t2i.tasks.text import OnlineText, PrecomputedText, load_encoder
+from t2i.tasks.train import (
     NonFiniteLoss,
     batch_indices,
     checkpoint_dirs,
@@ -149,7 +149,7 @@ def test_cutmix_stream_replaces_about_thirty_percent(data_workspace, tmp_path):
 
 
 def test_rectified_flow_with_latent_crops_trains_and_samples(data_workspace):
-    from flows.evaluate import evaluate_flow
+    from t2i.flows.evaluate import evaluate_flow
 
     cfg = load_config("tiny", ["cutmix.enabled=false", *OVERRIDES, "train.objective=rectified_flow", "train.latent_crop=8",
                                "evaluate.num_prompts=4", "evaluate.steps=3"], str(data_workspace))  # fmt: skip
@@ -164,7 +164,7 @@ def test_rectified_flow_with_latent_crops_trains_and_samples(data_workspace):
 
 
 def test_cad_with_self_conditioning_trains_resumes_and_samples(data_workspace, tmp_path):
-    from flows.evaluate import evaluate_flow
+    from t2i.flows.evaluate import evaluate_flow
 
     overrides = [*OVERRIDES, "train.model=cad", "evaluate.num_prompts=4", "evaluate.steps=3"]
     other = tmp_path / "other"

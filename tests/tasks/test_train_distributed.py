@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from flows.config import load_config
-from flows.download import download_flow
-from flows.latents import latents_flow
-from flows.plan import Plan
-from flows.recaption import recaption_flow
-from flows.train import train_flow
-from tasks.train import checkpoint_dirs, load_final
+from t2i.flows.config import load_config
+from t2i.flows.download import download_flow
+from t2i.flows.latents import latents_flow
+from t2i.flows.plan import Plan
+from t2i.flows.recaption import recaption_flow
+from t2i.flows.train import train_flow
+from t2i.tasks.train import checkpoint_dirs, load_final
 
 OVERRIDES = [
     "text.mode=online",
@@ -72,8 +72,8 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(prefect_harness, workspa
     import shutil
     import threading
 
-    from flows.train import resolve_scale_factor
-    from tasks.train import launch_distributed
+    from t2i.flows.train import resolve_scale_factor
+    from t2i.tasks.train import launch_distributed
 
     cfg = load_config("tiny", OVERRIDES, str(workspace))
     download_flow(cfg)
