@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -28,6 +29,9 @@ MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 _REJECTS_META_KEY = b"t2i.rejects"
 _TMP_PREFIX = ".tmp-"
+# Another host's temporary is removed only after this long unmodified: its writer's pid cannot be checked from
+# here, and a day is far beyond any shard write and any clock skew between hosts.
+FOREIGN_STALE_SECONDS = 24 * 3600
 
 
 def canonical_json(obj: Any) -> str:
@@ -207,35 +211,28 @@ class Artifact:
         return manifest
 
     def clean_stale_temporaries(self) -> int:
-        """Remove temporaries left by dead writers on this host (live writers' files are kept)."""
-        removed = 0
+        """Remove temporaries whose writer is gone (see `_is_stale`); live writers' files are kept."""
         if not self.root.is_dir():
             return 0
-        for path in self.root.iterdir():
-            if not path.name.startswith(_TMP_PREFIX):
-                continue
-            pid = _tmp_owner(path.name)
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
-                continue
-            if pid == os.getpid():
-                continue
+        stale = [p for p in self.root.iterdir() if p.name.startswith(_TMP_PREFIX) and _is_stale(p)]
+        for path in stale:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        return len(stale)
 
 
 @contextlib.contextmanager
 def atomic_path(final: Path):
     """Yield a temporary sibling path; on success it replaces `final` atomically, on error it is removed.
 
-    Works for files and directories (a directory replaces only a missing or empty target).
+    Works for files and directories (a directory replaces only a missing or empty target). The temporary is
+    named `.tmp-<host>-<pid>-<random>-<name>` so that `clean_stale_temporaries` can tell whose it is.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
+    tmp = final.parent / f"{_TMP_PREFIX}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
     try:
         yield tmp
         if tmp.is_file():
@@ -249,11 +246,45 @@ def atomic_path(final: Path):
             tmp.unlink(missing_ok=True)
 
 
-def _tmp_owner(name: str) -> int | None:
+def _host_tag() -> str:
+    """8 hex characters naming this host; hashed because hostnames may contain '-'."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tmp_owner(name: str) -> tuple[str, int | None]:
+    """(host tag, pid) of a temporary's writer. Old `.tmp-<pid>-...` names count as this host's: a pid never
+    has 8 digits, so a leading 8-character hex field is always a host tag."""
+    fields = name[len(_TMP_PREFIX) :].split("-", 2)
+    host = _host_tag()
+    if len(fields) > 1 and len(fields[0]) == 8 and all(c in "0123456789abcdef" for c in fields[0]):
+        host, fields = fields[0], fields[1:]
+    return host, int(fields[0]) if fields[0].isdigit() else None
+
+
+def _is_stale(path: Path) -> bool:
+    """This host's temporary: stale when its writer's pid is dead (never our own). Another host's (a shared
+    filesystem such as NFS or Lustre): its pid means nothing here, so stale only after a long quiet time."""
+    host, pid = _tmp_owner(path.name)
+    if host != _host_tag():
+        return time.time() - _newest_mtime(path) > FOREIGN_STALE_SECONDS
+    return pid != os.getpid() and (pid is None or not _pid_alive(pid))
+
+
+def _newest_mtime(path: Path) -> float:
+    """Newest mtime of `path` and, for a directory, its direct children (where its writer is writing)."""
     try:
-        return int(name[len(_TMP_PREFIX) :].split("-", 1)[0])
-    except ValueError:
-        return None
+        children = list(path.iterdir()) if path.is_dir() else []
+    except OSError:
+        children = []
+    return max(_mtime(p) for p in [path, *children])
+
+
+def _mtime(path: Path) -> float:
+    """A file that vanished meanwhile was just finished by its writer: count it as modified now."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
-from t2i.tasks.train import checkpoint_dirs
+from t2i.tasks.checkpoints import checkpoint_dirs
 
 
 @dataclass(frozen=True)

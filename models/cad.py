@@ -14,9 +14,9 @@ Choices the paper leaves open, made here once:
   fully-masked caption still gives the latents something finite to attend to.
 
 Latent self-conditioning (rate 0.9 in the paper): `CAD.forward(..., latents_prev=...)` adds the previous
-latent tokens through a zero-initialised LayerNorm+Linear to the initial latents. During training use
-`self_conditioned_forward`; at sampling time the caller carries latents between steps itself
-(`eps, latents = model(..., latents_prev=latents, return_latents=True)`, starting from `latents_prev=None`).
+latent tokens through a zero-initialised LayerNorm+Linear to the initial latents (zeros when there is no
+previous step). During training use `self_conditioned_forward`; at sampling time
+`t2i.models.sampling.SelfConditionedSampling` carries the latents from one step to the next.
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ class CAD(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x (B, C, H, W) latents, t (B,) in [0, 1], text (B, L, D), text_mask (B, L) True = real token.
 
-        `latents_prev` (B, num_latents, width): last step's latent tokens for self-conditioning (None: none).
+        `latents_prev` (B, num_latents, width): last step's latent tokens for self-conditioning (None: zeros,
+        as RIN starts; every parameter takes part either way, which DDP without unused-parameter search needs).
         Returns the ε prediction (B, C, H, W), or (ε, latent tokens) with `return_latents`; the latents
         are not detached, detach them before feeding them back.
         """
@@ -234,8 +235,9 @@ class CAD(nn.Module):
 
         data = self.x_embedder(x) + self.pos_embed(grid_h, grid_w).to(x.dtype)
         latents = self.latents.to(data.dtype).expand(batch, -1, -1) + self.t_embedder(t).unsqueeze(1)
-        if latents_prev is not None:
-            latents = latents + self.self_cond(latents_prev)
+        if latents_prev is None:  # "no previous step" is zeros, so every parameter is used on every call
+            latents_prev = torch.zeros_like(latents)
+        latents = latents + self.self_cond(latents_prev)
         tokens, mask = self.text_tower(text, text_mask)
         for block in self.blocks:
             data, latents = block(data, latents, tokens, mask)
@@ -255,7 +257,8 @@ def self_conditioned_forward(
     """Training-time latent self-conditioning (RIN): with probability `rate` for the whole batch, first run
     without gradients to get latents, then run again feeding them back (detached); returns ε.
 
-    At sampling time do not call this: carry the latents returned by the previous step instead.
+    Under DDP pass a generator seeded alike on every rank: the ranks then take the extra pass together
+    instead of all waiting for whichever rank drew it. At sampling time use `SelfConditionedSampling`.
     """
     latents_prev = None
     device = generator.device if generator is not None else None

@@ -1,8 +1,8 @@
 """LAMB (You et al., 2019): Adam's update rescaled per tensor by the trust ratio ‖w‖ / ‖update‖.
 
 The recipe applies neither weight decay nor the trust ratio to norms and biases: the train stage puts
-those in a group with `weight_decay=0`, and this optimizer skips the trust ratio whenever a group has no
-weight decay (set `trust_ratio` on a group to override).
+those in a group with `trust_ratio=False` and no weight decay. Every other group gets the trust ratio
+whatever its weight decay, so `weight_decay=0` still trains with LAMB, not Adam.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            use_trust = group.get("trust_ratio", group["weight_decay"] > 0)
+            use_trust = group.get("trust_ratio", True)
             for p in group["params"]:
                 if p.grad is None:
                     continue

@@ -18,15 +18,15 @@ from PIL import Image
 from prefect import task
 
 from t2i.data.store import Artifact, atomic_path
-from t2i.models.diffusion import ddim_sample, ddpm_sample
 from t2i.models.ema import EMA
-from t2i.models.flow_matching import euler_sample
+from t2i.models.sampling import sample_latents
 from t2i.models.tiny import resolve_model
 from t2i.models.vae import decode_latents
+from t2i.tasks.checkpoints import CHECKPOINTS, FINAL, checkpoint_dirs, load_final
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import Progress, publish_markdown, run_logger
 from t2i.tasks.text import OnlineText
-from t2i.tasks.train import CHECKPOINTS, FINAL, checkpoint_dirs, load_final, step_generator, to_vae_latents
+from t2i.tasks.train import step_generator, to_vae_latents
 
 if TYPE_CHECKING:
     from t2i.flows.config import EvaluateConfig, LatentsConfig
@@ -151,19 +151,6 @@ def write_benchmark_layout(
     return None
 
 
-SAMPLERS = {"epsilon": {"ddim": ddim_sample, "ddpm": ddpm_sample}, "rectified_flow": {"euler": euler_sample}}
-DEFAULT_SAMPLER = {"epsilon": "ddim", "rectified_flow": "euler"}
-
-
-def sample_latents(objective: str, sampler: str, model, shape, text, mask, null_text, null_mask, **kwargs):
-    """Sample with the sampler that matches the objective the model was trained with."""
-    name = DEFAULT_SAMPLER[objective] if sampler == "auto" else sampler
-    if name not in SAMPLERS[objective]:
-        allowed = ", ".join(["auto", *SAMPLERS[objective]])
-        raise ValueError(f"evaluate.sampler: {name!r} does not fit a {objective} model; allowed: {allowed}")
-    return SAMPLERS[objective][name](model, shape, text, mask, null_text, null_mask, **kwargs)
-
-
 def image_grid(images: list[Image.Image], columns: int = 8, cell: int = 128) -> Image.Image:
     rows = max(1, math.ceil(len(images) / columns))
     grid = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
@@ -208,7 +195,7 @@ def load_checkpoint(root: Path, name: str, device: str, use_ema: bool = True):
                 f"the kept checkpoints of {root}"
             )
     if name != FINAL:
-        state = torch.load(root / CHECKPOINTS / name / "state.pt", map_location=device, weights_only=False)
+        state = torch.load(root / CHECKPOINTS / name / "state.pt", map_location=device, weights_only=True)
         if use_ema:
             _load_ema(model, state["ema"])
         else:

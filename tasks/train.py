@@ -8,13 +8,12 @@ uninterrupted run would have taken.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
-import re
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +25,17 @@ from t2i.data.store import Artifact, atomic_path
 from t2i.models.cad import self_conditioned_forward
 from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
 from t2i.models.diffusion import EpsilonObjective
-from t2i.models.dit import DiT, DiTConfig, build_dit, count_parameters
+from t2i.models.dit import count_parameters
 from t2i.models.ema import EMA
 from t2i.models.flow_matching import RectifiedFlowObjective
+from t2i.tasks.checkpoints import (
+    CHECKPOINTS,
+    CheckpointWriter,
+    build_denoiser,
+    checkpoint_dirs,
+    load_state,
+    save_final,
+)
 from t2i.tasks.latents import SHAPE_META_KEY
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import publish_markdown, run_logger
@@ -38,9 +45,6 @@ if TYPE_CHECKING:
     from t2i.flows.config import TextConfig, TrainConfig
 
 VERSION = 1
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-_STEP_DIR = re.compile(r"step-(\d{8})$")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -125,10 +129,13 @@ def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """No weight decay on norms and biases (1-D parameters), as the recipe says."""
+    """No weight decay and no LAMB trust ratio on norms and biases (1-D parameters), as the recipe says."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0, "trust_ratio": False},  # LAMB only; AdamW ignores it
+    ]
     if cfg.optimizer == "lamb":
         from t2i.models.lamb import Lamb
 
@@ -136,116 +143,67 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
+# Every rank draws its own samples from its own stream; a few choices must agree across the ranks (whether
+# CAD-I takes its self-conditioning pass this step), and those come from one stream no rank number uses.
+SHARED_STREAM = 2**32 - 1
+
+
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Samples of `step`: epochs are seeded permutations, walked in order, so any step is addressable."""
+    """Samples of `step`: epochs are seeded permutations, walked in order, so any step is addressable.
+
+    An epoch's permutation is drawn once and kept, so a step costs O(batch), not O(dataset).
+    """
     start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.extend(perm[offset : offset + batch - len(out)].tolist())
-    return torch.tensor(out)
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint appears only through an atomic rename)."""
-    folder = root / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file())
-
-
-def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    final = root / CHECKPOINTS / f"step-{step:08d}"
-    with atomic_path(final) as tmp:
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "state.pt")
-    for old in checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def save_final(root: Path, model: DiT, meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
-
-    final = root / FINAL
-    if final.exists():
-        shutil.rmtree(final)
-    with atomic_path(final) as tmp:
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return final
-
-
-def build_denoiser(architecture: str, size: str, **overrides) -> torch.nn.Module:
-    """DiT-I or CAD-I of a named size; `patch_size=None` keeps the size's own."""
-    if overrides.get("patch_size", 0) is None:
-        del overrides["patch_size"]
-    if architecture == "cad":
-        from t2i.models.cad import build_cad
-
-        return build_cad(size, **overrides)
-    return build_dit(size, **overrides)
-
-
-def load_final(root: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    meta = json.loads((root / FINAL / "config.json").read_text())
-    if meta.get("architecture") == "cad":
-        from t2i.models.cad import CAD, CADConfig
-
-        model = CAD(CADConfig(**meta["model_config"]))
-    else:
-        model = DiT(DiTConfig(**meta["model_config"]))
-    model.load_state_dict(load_file(root / FINAL / "model.safetensors"))
-    return model.to(device).eval(), meta
+    parts, taken = [], 0
+    while taken < batch:
+        epoch, offset = divmod(start + taken, n)
+        part = _epoch_permutation(n, seed, epoch)[offset : offset + batch - taken]
+        parts.append(part)
+        taken += len(part)
+    return torch.cat(parts)
 
 
 class SamplePreview:
     """Sample grids of fixed training captions with the EMA weights every `sample_every` steps: a PNG under
-    `samples/`, the TensorBoard image, and a Prefect markdown artifact pointing at the file."""
+    `samples/`, the TensorBoard image, and a Prefect markdown artifact pointing at the file.
+
+    Runs on the main process's training device (the denoiser copy is built once), so it takes seconds and
+    the other ranks, waiting at the next gradient all-reduce, are never held long.
+    """
 
     def __init__(
-        self,
-        root: Path,
-        vae_path: str,
-        prompts: list[str],
-        keys: list[str],
-        texts,
-        latent_shape,
-        scale,
-        cfg,
-        build,
+        self, root: Path, vae_path: str, data: TrainData, count: int, texts, scale, cfg, build, device
     ):
-        self.root, self.vae_path, self.prompts, self.keys, self.texts = root, vae_path, prompts, keys, texts
-        self.latent_shape, self.scale, self.cfg, self.build = tuple(latent_shape), scale, cfg, build
+        self.root, self.vae_path, self.texts, self.scale, self.cfg = root, vae_path, texts, scale, cfg
+        self.prompts, self.keys = data.captions[:count], data.keys[:count]
+        self.latent_shape = tuple(data.mean.shape[1:])
+        self.build, self.device, self.model = build, torch.device(device), None
 
     def sample(self, ema: EMA, step: int):
         from PIL import Image
 
-        from t2i.models.diffusion import ddim_sample
-        from t2i.models.flow_matching import euler_sample
+        from t2i.models.sampling import sample_latents
         from t2i.models.vae import decode_latents
 
-        vae = cached_model("vae", path=self.vae_path, device="cpu", dtype="float32", revision=None)
-        model = self.build()
-        ema.copy_to(model)
-        model.eval()
-        text, mask = self.texts.encode(self.prompts, self.keys)
-        null_text, null_mask = self.texts.encode([None], [None])
-        sampler = ddim_sample if self.cfg.objective == "epsilon" else euler_sample
-        z = sampler(
-            model, (len(self.prompts), *self.latent_shape), text.cpu(), mask.cpu(), null_text.cpu(), null_mask.cpu(),
-            steps=20, guidance_scale=3.0, generator=torch.Generator().manual_seed(self.cfg.seed),
+        vae = cached_model("vae", path=self.vae_path, device=str(self.device), dtype="float32", revision=None)
+        if self.model is None:
+            self.model = self.build().to(self.device).eval()
+        ema.copy_to(self.model)
+        text, mask = (x.to(self.device) for x in self.texts.encode(self.prompts, self.keys))
+        null_text, null_mask = (x.to(self.device) for x in self.texts.encode([None], [None]))
+        z = sample_latents(
+            self.cfg.objective, "auto", self.model, (len(self.prompts), *self.latent_shape), text, mask,
+            null_text, null_mask, steps=20, guidance_scale=3.0,
+            generator=torch.Generator(self.device).manual_seed(self.cfg.seed),
         )  # fmt: skip
         pixels = decode_latents(vae, to_vae_latents(z, self.scale))
         cell = 128
@@ -262,7 +220,281 @@ class SamplePreview:
         return grid
 
 
-# --- the loop ---------------------------------------------------------------------------------------------
+# --- one step ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GradientSyncs:
+    """Backward passes that all-reduced gradients; under gradient accumulation, one per optimizer step."""
+
+    passes: int = 0
+
+
+def _count_and_allreduce(syncs: GradientSyncs, bucket):
+    """DDP communication hook: the standard all-reduce; bucket 0 is reduced once per synchronising pass."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if bucket.index() == 0:
+        syncs.passes += 1
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+@dataclass
+class Trainer:
+    """What every step of one run uses: the prepared model and optimizer, the data and text conditioning."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: TrainData
+    composites: TrainData | None
+    texts: Any
+    shift: torch.Tensor
+    scale: torch.Tensor
+    swapped: int = 0
+    drawn: int = 0
+    timing: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "text": 0.0, "total": 0.0})
+
+    @property
+    def objective(self):
+        return EpsilonObjective() if self.cfg.objective == "epsilon" else RectifiedFlowObjective()
+
+    def batch(self, idx: torch.Tensor, g: torch.Generator):
+        """One micro-batch on the device: (z, text, mask, t, eps), with CutMix swaps and CFG dropout applied."""
+        cfg, data, comps = self.cfg, self.data, self.composites
+        t_data = time.perf_counter()
+        mean, std = data.mean[idx].float(), data.std[idx].float()
+        captions = [data.captions[i] for i in idx.tolist()]
+        keys = [data.keys[i] for i in idx.tolist()]
+        t = self.objective.sample_t(len(idx), generator=g)
+        if comps is not None:  # CutMix: latent and caption swapped together, only at t > threshold
+            gate = cutmix_gate(t, g, cfg.cutmix_threshold, cfg.cutmix_p)
+            pick = torch.randint(len(comps), (len(idx),), generator=g)
+            rows = gate.nonzero().flatten()
+            mean[rows], std[rows] = comps.mean[pick[rows]].float(), comps.std[pick[rows]].float()
+            for j in rows.tolist():
+                captions[j], keys[j] = comps.captions[int(pick[j])], comps.keys[int(pick[j])]
+            self.swapped += len(rows)
+        self.drawn += len(idx)
+        z = (mean + std * torch.randn(mean.shape, generator=g) - self.shift) * self.scale
+        if cfg.latent_crop:
+            z = random_latent_crop(z, cfg.latent_crop, g)
+        drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
+        t_text = time.perf_counter()
+        self.timing["data"] += t_text - t_data
+        text, mask = self.texts.encode(
+            [None if d else c for c, d in zip(captions, drop.tolist(), strict=True)], keys
+        )
+        eps = torch.randn(z.shape, generator=g)
+        self.timing["text"] += time.perf_counter() - t_text
+        dev = self.accelerator.device
+        return z.to(dev), text.to(dev), mask.to(dev), t.to(dev), eps.to(dev)
+
+    def step(self, step: int, rank_idx: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over this rank's samples; returns the loss on the device (no host sync).
+
+        Gradients are all-reduced once, on the last micro-batch: the others run forward and backward
+        inside `no_sync`.
+        """
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        g = step_generator(cfg.seed, step, accelerator.process_index)
+        denoise = model
+        if cfg.model == "cad" and cfg.self_condition > 0:  # RIN self-conditioning, the coin shared by ranks
+            shared = step_generator(cfg.seed, step, SHARED_STREAM)
+
+            def denoise(x, t, text, mask):
+                return self_conditioned_forward(model, x, t, text, mask, cfg.self_condition, generator=shared)
+
+        accum = cfg.grad_accumulation
+        micro = len(rank_idx) // accum
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for m in range(accum):
+            z, text, mask, t, eps = self.batch(rank_idx[m * micro : (m + 1) * micro], g)
+            with contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss, _ = self.objective.loss(denoise, z, text, mask, t=t, eps=eps)
+                accelerator.backward(loss / accum)
+            loss_sum += loss.detach().float() / accum
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(model)
+        return loss_sum, grad_norm
+
+
+# --- logging and health -----------------------------------------------------------------------------------
+
+
+class StepLog:
+    """Losses stay on the device between log steps, and so does the first step whose loss was not finite:
+    no step waits for the host. `check` and `flush` gather them, on every rank at the same steps."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator, dev = accelerator, accelerator.device
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.accelerator.device)
+        self.count, self.seen, self.t0, self.grad_norm = 0, 0, time.time(), None
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm, samples: int) -> None:
+        self.loss_sum += loss
+        self.count, self.seen, self.grad_norm = self.count + 1, self.seen + samples, grad_norm
+        self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), step, self.first_bad)
+
+    def check(self, root: Path) -> None:
+        """Stop every rank at the same step if any rank's loss went non-finite."""
+        firsts = self.accelerator.gather(self.first_bad.reshape(1))
+        if (firsts >= 0).any():
+            step = int(firsts[firsts >= 0].min())
+            raise NonFiniteLoss(
+                f"train: loss is not finite at step {step}; the last good checkpoint is kept in "
+                f"{root / CHECKPOINTS}"
+            )
+
+    def flush(self, lr: float) -> dict[str, float]:
+        losses = self.accelerator.gather(self.loss_sum.reshape(1))
+        stats = {
+            "loss": float(losses.mean()) / max(self.count, 1),
+            "lr": lr,
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
+            "samples_per_second": self.seen / max(time.time() - self.t0, 1e-9),
+        }
+        self._reset()
+        return stats
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    device = pick_device(cfg.device)
+    if device.startswith("cuda"):  # TF32 for the float32 matmuls outside autocast (text encoder, EMA)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+
+
+def rank_batch(cfg: TrainConfig, world: int) -> int:
+    """Samples per rank and step; the global batch must split evenly over ranks and micro-batches."""
+    if cfg.batch_size % (world * cfg.grad_accumulation):
+        raise ValueError(
+            f"train.batch_size {cfg.batch_size} is not divisible by {world} processes × "
+            f"{cfg.grad_accumulation} accumulation steps"
+        )
+    return cfg.batch_size // world
+
+
+def training_state(trainer: Trainer, step: int) -> dict[str, Any]:
+    acc = trainer.accelerator
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {
+        "step": step,
+        "model": acc.unwrap_model(trainer.model).state_dict(),
+        "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "rng": rng,
+    }
+    if acc.scaler is not None:
+        state["scaler"] = acc.scaler.state_dict()
+    return state
+
+
+def restore(trainer: Trainer, state: dict[str, Any]) -> int:
+    """Load a checkpoint into the unprepared model, EMA, optimizer, scheduler (and scaler, RNG); its step."""
+    trainer.model.load_state_dict(state["model"])
+    trainer.ema.load_state_dict(state["ema"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and trainer.accelerator.scaler is not None:
+        trainer.accelerator.scaler.load_state_dict(state["scaler"])
+    if rng := state.get("rng"):
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.device_count() == len(rng["cuda"]):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"]
+
+
+def build_trainer(cfg, accelerator, build, data, composites, texts, scale_factor, root: Path, log):
+    """Model, EMA, optimizer and scheduler on the training device, resumed from the newest checkpoint,
+    then prepared (DDP); the step to continue from."""
+    channels = data.mean.shape[1]
+    shift, scale = latent_norm_tensors(scale_factor, channels)
+    torch.manual_seed(cfg.seed)
+    model = build().to(accelerator.device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.final_lr_ratio)
+    )
+    trainer = Trainer(cfg, accelerator, model, EMA(model, decay=cfg.ema_decay), optimizer, scheduler,
+                      data, composites, texts, shift, scale)  # fmt: skip
+    step = 0
+    if ckpts := checkpoint_dirs(root):
+        step = restore(trainer, load_state(ckpts[-1]))
+        log.info(f"[train] resuming from {ckpts[-1].name} (step {step} of {cfg.steps})")
+    else:
+        c, h, w = data.mean.shape[1:]
+        log.info(
+            f"[train] {cfg.model}-{cfg.size} (patch {model.config.patch_size}): "
+            f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
+            f"latents {c}×{h}×{w}, normalised by {describe_norm(scale_factor)}"
+        )
+    trainer.model, trainer.optimizer = accelerator.prepare(model, optimizer)
+    return trainer, step
+
+
+def watch_gradient_syncs(model: torch.nn.Module) -> GradientSyncs | None:
+    if not hasattr(model, "register_comm_hook"):  # a single process: nothing is all-reduced
+        return None
+    syncs = GradientSyncs()
+    model.register_comm_hook(syncs, _count_and_allreduce)
+    return syncs
+
+
+def after_step(trainer: Trainer, step: int, last_stop: int, steplog: StepLog, outputs: dict, log) -> None:
+    """Log, preview and checkpoint on their schedules. Health checks run at log and checkpoint steps on every
+    rank, so all ranks stop together and no checkpoint holds a non-finite state."""
+    cfg, root = trainer.cfg, outputs["root"]
+    log_now = step % cfg.log_every == 0 or step == last_stop
+    save_now = step % cfg.checkpoint_every == 0 or step == last_stop
+    if log_now or save_now:
+        steplog.check(root)
+    board = outputs.get("board")
+    if log_now:
+        stats = steplog.flush(trainer.scheduler.get_last_lr()[0])
+        log.info(
+            f"[train] step {step}/{cfg.steps} loss {stats['loss']:.4f} lr {stats['lr']:.2e} "
+            f"grad-norm {stats['grad_norm']:.3f} {stats['samples_per_second']:.1f} samples/s"
+        )
+        for name, value in stats.items() if board is not None else ():
+            board.add_scalar(f"train/{name}", value, step)
+    preview = outputs.get("preview")
+    if preview is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
+        grid = preview.sample(trainer.ema, step)
+        if board is not None:
+            board.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    if save_now:
+        if not weights_are_finite(trainer.model):  # the ranks hold the same weights: all stop here
+            raise NonFiniteLoss(
+                f"train: weights became non-finite by step {step}; the last good checkpoint is kept in "
+                f"{root / CHECKPOINTS}"
+            )
+        if (writer := outputs.get("writer")) is not None:
+            writer.save(step, training_state(trainer, step))
 
 
 @task(name="train", retries=0)
@@ -285,224 +517,93 @@ def train_denoiser(
     its t > cutmix_threshold and a coin with probability cutmix_p says so. `text_embeddings` are the
     precomputed text artifacts (images', then composites') when `text.mode` is precomputed.
     """
-    from accelerate import Accelerator
-
-    log = run_logger()
-    root = artifact.root
-    device = pick_device(cfg.device)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    accum = cfg.grad_accumulation
-    if cfg.batch_size % (world * accum):
-        raise ValueError(
-            f"train.batch_size {cfg.batch_size} is not divisible by {world} processes × {accum} accumulation steps"
-        )
-    per_rank = cfg.batch_size // world
-    micro = per_rank // accum
-
+    log, root = run_logger(), artifact.root
+    accelerator = make_accelerator(cfg)
+    per_rank, rank = rank_batch(cfg, accelerator.num_processes), accelerator.process_index
     data = load_train_data(latents, captions, num_shards)
-    if composites is not None:
-        composites = load_train_data(*composites)
+    comps = load_train_data(*composites) if composites is not None else None
     texts = text_conditioning(
         text_cfg, artifact.workspace, str(accelerator.device), text_embeddings, num_shards
     )
-    channels, height, width = data.mean.shape[1:]
-    shift, scale = latent_norm_tensors(scale_factor, channels)
-    torch.manual_seed(cfg.seed)
+    c, h, _ = data.mean.shape[1:]
 
     def build() -> torch.nn.Module:
-        return build_denoiser(
-            cfg.model,
-            cfg.size,
-            latent_channels=channels,
-            latent_size=height,
-            text_dim=texts.dim,
-            patch_size=cfg.patch_size,
-        )
+        return build_denoiser(cfg.model, cfg.size, latent_channels=c, latent_size=h, text_dim=texts.dim,
+                              patch_size=cfg.patch_size)  # fmt: skip
 
-    model = build()
-    ema = EMA(model, decay=cfg.ema_decay)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.final_lr_ratio)
-    )
-    step = 0
-    if ckpts := checkpoint_dirs(root):
-        state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        log.info(f"[train] resuming from {ckpts[-1].name} (step {step} of {cfg.steps})")
-    else:
-        log.info(
-            f"[train] {cfg.model}-{cfg.size} (patch {model.config.patch_size}): "
-            f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
-            f"latents {channels}×{height}×{width}, normalised by {describe_norm(scale_factor)}"
-        )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    objective = EpsilonObjective() if cfg.objective == "epsilon" else RectifiedFlowObjective()
+    trainer, step = build_trainer(cfg, accelerator, build, data, comps, texts, scale_factor, root, log)
+    syncs, first, steplog = watch_gradient_syncs(trainer.model), step, StepLog(accelerator)
     last_stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    t0, seen, loss_sum = time.time(), 0, 0.0
-    swapped, drawn, logged = 0, 0, 0
-    writer = None
+    outputs = {"root": root}
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(root / "tensorboard"))
-    preview = (
-        SamplePreview(root, vae_path, data.captions[: cfg.sample_prompts], data.keys[: cfg.sample_prompts], texts,
-                      data.mean.shape[1:], scale_factor,
-                      cfg, build=build)
-        if vae_path and cfg.sample_prompts
-        else None
-    )  # fmt: skip
-    timing = {"data": 0.0, "text": 0.0, "total": 0.0}
-
-    while step < last_stop:
-        t_step = time.perf_counter()
-        g = step_generator(cfg.seed, step, rank)
-        denoise = model
-        if cfg.model == "cad" and cfg.self_condition > 0:  # RIN self-conditioning on the latent tokens
-
-            def denoise(x, t, text, mask, _g=g):
-                return self_conditioned_forward(model, x, t, text, mask, cfg.self_condition, generator=_g)
-
-        rank_idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[
-            rank * per_rank : (rank + 1) * per_rank
-        ]
-        dev = accelerator.device
-        step_loss = 0.0
-        for m in range(accum):  # gradient accumulation: micro-batches of this rank's share
-            t_data = time.perf_counter()
-            idx = rank_idx[m * micro : (m + 1) * micro]
-            drawn += len(idx)
-            mean, std = data.mean[idx].float(), data.std[idx].float()
-            captions_b = [data.captions[i] for i in idx.tolist()]
-            keys_b = [data.keys[i] for i in idx.tolist()]
-            t = objective.sample_t(len(idx), generator=g)
-            if composites is not None:  # CutMix: latent and caption swapped together, only at t > threshold
-                gate = cutmix_gate(t, g, cfg.cutmix_threshold, cfg.cutmix_p)
-                pick = torch.randint(len(composites), (len(idx),), generator=g)
-                swapped += int(gate.sum())
-                for j in gate.nonzero().flatten().tolist():
-                    c = int(pick[j])
-                    mean[j], std[j] = composites.mean[c].float(), composites.std[c].float()
-                    captions_b[j], keys_b[j] = composites.captions[c], composites.keys[c]
-            z = (mean + std * torch.randn(mean.shape, generator=g) - shift) * scale
-            if cfg.latent_crop:
-                z = random_latent_crop(z, cfg.latent_crop, g)
-            drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
-            t_text = time.perf_counter()
-            timing["data"] += t_text - t_data
-            text, mask = texts.encode(
-                [None if d else c for c, d in zip(captions_b, drop.tolist(), strict=True)], keys_b
-            )
-            eps = torch.randn(z.shape, generator=g)
-            timing["text"] += time.perf_counter() - t_text
-            with accelerator.autocast():
-                loss, _ = objective.loss(
-                    denoise, z.to(dev), text.to(dev), mask.to(dev), t=t.to(dev), eps=eps.to(dev)
-                )
-            with accelerator.no_sync(model) if m < accum - 1 else contextlib.nullcontext():
-                accelerator.backward(loss / accum)
-            step_loss += loss.detach().float() / accum
-        all_losses = accelerator.gather(step_loss.reshape(1).to(dev))
-        if not torch.isfinite(all_losses).all():  # every rank stops at the same step
-            raise NonFiniteLoss(
-                f"train: loss is {all_losses.tolist()} at step {step}; the last good checkpoint is kept in "
-                f"{root / CHECKPOINTS}"
-            )
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(model))
-        loss = all_losses.mean()
-        step += 1
-        timing["total"] += time.perf_counter() - t_step
-        seen += cfg.batch_size
-        loss_sum += loss.item()
-        logged += 1
-        if step % cfg.log_every == 0 or step == last_stop:
-            dt = time.time() - t0
-            stats = {
-                "loss": loss_sum / logged,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "samples_per_second": seen / max(dt, 1e-9),
-            }
-            log.info(
-                f"[train] step {step}/{cfg.steps} loss {stats['loss']:.4f} lr {stats['lr']:.2e} "
-                f"grad-norm {stats['grad_norm']:.3f} {stats['samples_per_second']:.1f} samples/s"
-            )
-            if writer is not None:
-                for name, value in stats.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-            t0, seen, loss_sum, logged = time.time(), 0, 0.0, 0
-        if (
-            preview is not None
-            and accelerator.is_main_process
-            and (step % cfg.sample_every == 0 or step == cfg.steps)
-        ):
-            grid = preview.sample(ema, step)
-            if writer is not None:
-                writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-        if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == last_stop):
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise NonFiniteLoss(
-                    f"train: weights became non-finite by step {step}; the last good checkpoint is kept in "
-                    f"{root / CHECKPOINTS}"
-                )
-            save_checkpoint(
-                root,
-                step,
-                {
-                    "step": step,
-                    "model": accelerator.unwrap_model(model).state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                },
-                cfg.keep_checkpoints,
-            )
-        accelerator.wait_for_everyone()
-
-    if writer is not None:
-        writer.close()
-    unwrapped = accelerator.unwrap_model(model)
-    checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
-    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"train: the {world} processes ended with different weights: {checksums}")
-    result = {
-        "step": step,
-        "samples": len(data),
-        "parameters": count_parameters(unwrapped),
-        "processes": world,
-        "global_batch": micro * accum * world,
-        "rank_checksums": checksums,
-        "cutmix_share": swapped / max(drawn, 1),  # of this run's samples (this process)
-        "timing": {
-            k: round(v, 4) for k, v in timing.items()
-        },  # seconds: batch assembly, text encoding, steps
-    }
+        outputs["writer"] = CheckpointWriter(root, cfg.keep_checkpoints)
+        outputs["board"] = SummaryWriter(str(root / "tensorboard"))
+        if vae_path and cfg.sample_prompts:
+            outputs["preview"] = SamplePreview(root, vae_path, data, cfg.sample_prompts, texts, scale_factor,
+                                               cfg, build, accelerator.device)  # fmt: skip
+    try:
+        while step < last_stop:
+            t_step = time.perf_counter()
+            idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[
+                rank * per_rank : (rank + 1) * per_rank
+            ]
+            loss, grad_norm = trainer.step(step, idx)
+            step += 1
+            trainer.timing["total"] += time.perf_counter() - t_step
+            steplog.add(step, loss, grad_norm, cfg.batch_size)
+            after_step(trainer, step, last_stop, steplog, outputs, log)
+    finally:
+        if "writer" in outputs:
+            outputs["writer"].close()
+            outputs["board"].close()
+    result = summarise(trainer, step, first, syncs)
     if step >= cfg.steps and accelerator.is_main_process:
-        final_model = build()
-        ema.copy_to(final_model)
-        meta = {
-            "architecture": cfg.model,
-            "model_config": asdict(final_model.config),
-            "objective": cfg.objective,
-            "text_encoder": text_cfg.model_dump(mode="json"),
-            "latent_norm": scale_factor,
-            "latent_shape": [channels, height, width],
-            "ema_decay": cfg.ema_decay,
-            "steps": step,
-        }
-        save_final(root, final_model, meta)
+        save_final_model(trainer, build, text_cfg, scale_factor, step, root)
     return result
+
+
+def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | None) -> dict[str, Any]:
+    """The run's record; also checks that every rank ended with the same weights."""
+    acc, cfg = trainer.accelerator, trainer.cfg
+    unwrapped = acc.unwrap_model(trainer.model)
+    checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
+    checksums = acc.gather(checksum.to(acc.device)).tolist()
+    if len(set(checksums)) > 1:
+        raise RuntimeError(
+            f"train: the {acc.num_processes} processes ended with different weights: {checksums}"
+        )
+    return {
+        "step": step,
+        "samples": len(trainer.data),
+        "parameters": count_parameters(unwrapped),
+        "processes": acc.num_processes,
+        "global_batch": cfg.batch_size,
+        "rank_checksums": checksums,
+        "cutmix_share": trainer.swapped / max(trainer.drawn, 1),  # of this run's samples (this process)
+        # backward passes that all-reduced gradients, per optimizer step (1 whatever the accumulation)
+        "gradient_syncs_per_step": syncs.passes / (step - first) if syncs and step > first else None,
+        "timing": {k: round(v, 4) for k, v in trainer.timing.items()},  # seconds: batches, text, steps
+    }
+
+
+def save_final_model(
+    trainer: Trainer, build, text_cfg: TextConfig, scale_factor, step: int, root: Path
+) -> None:
+    final_model = build()
+    trainer.ema.copy_to(final_model)
+    meta = {
+        "architecture": trainer.cfg.model,
+        "model_config": asdict(final_model.config),
+        "objective": trainer.cfg.objective,
+        "text_encoder": text_cfg.model_dump(mode="json"),
+        "latent_norm": scale_factor,
+        "latent_shape": list(trainer.data.mean.shape[1:]),
+        "ema_decay": trainer.cfg.ema_decay,
+        "steps": step,
+    }
+    save_final(root, final_model, meta)
 
 
 @task(name="train-distributed")

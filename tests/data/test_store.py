@@ -1,10 +1,11 @@
 import json
 import os
+import time
 
 import pyarrow as pa
 import pytest
 
-from t2i.data.store import Artifact, Reject, atomic_path, fingerprint
+from t2i.data.store import FOREIGN_STALE_SECONDS, Artifact, Reject, _host_tag, atomic_path, fingerprint
 
 
 def table(n: int) -> pa.Table:
@@ -65,12 +66,48 @@ def test_finalize_writes_manifest_last_with_reject_counts(tmp_path):
     }
 
 
+def tmp_name(host: str, pid: int, name: str) -> str:
+    return f".tmp-{host}-{pid}-abcd1234-{name}"
+
+
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     art = Artifact(tmp_path, "download", "fp")
     art.root.mkdir(parents=True)
-    dead = art.root / ".tmp-999999999-abcd1234-part-00000.parquet"  # no such pid
-    live = art.root / f".tmp-{os.getppid()}-abcd1234-part-00001.parquet"
-    dead.write_bytes(b"x")
-    live.write_bytes(b"x")
-    assert art.clean_stale_temporaries() == 1
-    assert not dead.exists() and live.exists()
+    here = _host_tag()
+    dead = art.root / tmp_name(here, 999999999, "part-00000.parquet")  # no such pid
+    live = art.root / tmp_name(here, os.getppid(), "part-00001.parquet")
+    ours = art.root / tmp_name(here, os.getpid(), "part-00002.parquet")
+    old_dead = art.root / ".tmp-999999999-abcd1234-part-00003.parquet"  # the format before host tags
+    old_live = art.root / f".tmp-{os.getppid()}-abcd1234-part-00004.parquet"
+    for path in (dead, live, ours, old_dead, old_live):
+        path.write_bytes(b"x")
+    assert art.clean_stale_temporaries() == 2
+    assert sorted(p.name for p in art.root.iterdir()) == sorted(p.name for p in (live, ours, old_live))
+
+
+def test_atomic_path_names_its_temporary_after_host_and_pid(tmp_path):
+    with atomic_path(tmp_path / "out.bin") as tmp:
+        assert tmp.name.startswith(f".tmp-{_host_tag()}-{os.getpid()}-") and tmp.name.endswith("-out.bin")
+        tmp.write_bytes(b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_another_hosts_temporaries_are_removed_only_when_long_untouched(tmp_path):
+    """Another host's pid cannot be checked here (shared filesystem): only its files' age tells."""
+    art = Artifact(tmp_path, "download", "fp")
+    art.root.mkdir(parents=True)
+    other = "0123abcd" if _host_tag() != "0123abcd" else "4567cdef"
+    fresh = art.root / tmp_name(other, 999999999, "part-00000.parquet")  # no such pid here
+    old = art.root / tmp_name(other, 999999999, "part-00001.parquet")
+    old_dir, busy_dir = art.root / tmp_name(other, 999999999, "ckpt"), art.root / tmp_name(other, 1, "ckpt2")
+    for path in (fresh, old):
+        path.write_bytes(b"x")
+    for d in (old_dir, busy_dir):
+        d.mkdir()
+        (d / "a.bin").write_bytes(b"x")
+        (d / "b.bin").write_bytes(b"x")
+    long_ago = time.time() - FOREIGN_STALE_SECONDS - 60
+    for path in (old, old_dir, old_dir / "a.bin", old_dir / "b.bin", busy_dir, busy_dir / "a.bin"):
+        os.utime(path, (long_ago, long_ago))
+    assert art.clean_stale_temporaries() == 2  # busy_dir's newest child (b.bin) is fresh
+    assert sorted(p.name for p in art.root.iterdir()) == sorted([fresh.name, busy_dir.name])

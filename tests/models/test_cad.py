@@ -284,3 +284,34 @@ def test_config_and_size_validation():
         replace(SMALL, width=30)
     with pytest.raises(ValueError, match="data_heads"):
         replace(SMALL, data_width=18, data_heads=4)
+
+
+@pytest.mark.parametrize(("objective", "sampler"), [("epsilon", "ddim"), ("rectified_flow", "euler")])
+def test_sampling_feeds_each_steps_latents_back(small_random, objective, sampler):
+    """What CAD-I trained with 90% of the time: every step after the first sees the previous step's latents."""
+    from t2i.models.sampling import SAMPLERS, sample_latents
+
+    _, _, text, mask = inputs()
+    null_text, null_mask = torch.zeros(1, 1, TEXT_DIM), torch.ones(1, 1, dtype=torch.bool)
+    shape, kwargs = (2, 4, 16, 16), dict(steps=4, guidance_scale=3.0)
+    calls = []
+
+    def record(module, args, call_kwargs, output):
+        calls.append((call_kwargs.get("latents_prev"), output[1].detach().clone()))
+
+    def run():
+        return sample_latents(objective, sampler, small_random, shape, text, mask, null_text, null_mask,
+                              generator=torch.Generator().manual_seed(0), **kwargs)  # fmt: skip
+
+    handle = small_random.register_forward_hook(record, with_kwargs=True)
+    try:
+        z = run()
+    finally:
+        handle.remove()
+    assert len(calls) == 4 and calls[0][0] is None
+    for (_, returned), (fed, _) in zip(calls[:-1], calls[1:], strict=True):
+        assert torch.equal(fed, returned)  # the doubled guidance batch included
+    plain = SAMPLERS[objective][sampler](small_random, shape, text, mask, null_text, null_mask,
+                                         generator=torch.Generator().manual_seed(0), **kwargs)  # fmt: skip
+    assert not torch.allclose(z, plain, atol=1e-4)
+    assert torch.equal(run(), z)  # each run starts again from no latents

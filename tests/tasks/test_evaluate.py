@@ -153,12 +153,12 @@ def test_bad_checkpoint_names_and_missing_metric_models_fail_before_sampling(tra
 
 def test_use_ema_false_samples_the_raw_weights_of_final(trained):
     from t2i.flows.plan import Plan
+    from t2i.tasks.checkpoints import CHECKPOINTS, FINAL, load_state
     from t2i.tasks.evaluate import load_checkpoint
-    from t2i.tasks.train import CHECKPOINTS, FINAL
 
     base, workspace = trained
     root = Plan(load_config("tiny", base, str(workspace))).checkpoints.root
-    raw = torch.load(root / CHECKPOINTS / "step-00000002" / "state.pt", weights_only=False)["model"]
+    raw = load_state(root / CHECKPOINTS / "step-00000002")["model"]
     ema = load_checkpoint(root, FINAL, "cpu", use_ema=True)[0].state_dict()
     plain = load_checkpoint(root, FINAL, "cpu", use_ema=False)[0].state_dict()
     assert all(torch.equal(plain[k], v) for k, v in raw.items())

@@ -12,12 +12,11 @@ from t2i.flows.latents import latents_flow
 from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import resolve_scale_factor, train_flow
+from t2i.tasks.checkpoints import checkpoint_dirs, load_final, load_state
 from t2i.tasks.text import OnlineText, PrecomputedText, load_encoder
 from t2i.tasks.train import (
     NonFiniteLoss,
     batch_indices,
-    checkpoint_dirs,
-    load_final,
     load_train_data,
     lr_factor,
     train_denoiser,
@@ -73,8 +72,8 @@ def test_resumed_run_equals_uninterrupted_run(data_workspace, tmp_path):
     assert _run(interrupted)["step"] == 6
 
     a_dir, b_dir = Plan(straight).checkpoints.root, Plan(interrupted).checkpoints.root
-    a = torch.load(checkpoint_dirs(a_dir)[-1] / "state.pt", weights_only=False)
-    b = torch.load(checkpoint_dirs(b_dir)[-1] / "state.pt", weights_only=False)
+    a = load_state(checkpoint_dirs(a_dir)[-1])
+    b = load_state(checkpoint_dirs(b_dir)[-1])
     for key in a["model"]:
         assert (a["model"][key] - b["model"][key]).abs().max().item() <= 1e-6, key
     ema_a, ema_b = load_final(a_dir)[0].state_dict(), load_final(b_dir)[0].state_dict()
@@ -115,7 +114,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_
     with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
         _run(cfg)
     for ckpt in checkpoint_dirs(Plan(cfg).checkpoints.root):
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = load_state(ckpt)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 

@@ -9,7 +9,7 @@ from t2i.flows.latents import latents_flow
 from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import train_flow
-from t2i.tasks.train import checkpoint_dirs, load_final
+from t2i.tasks.checkpoints import checkpoint_dirs, load_final, load_state
 
 OVERRIDES = [
     "text.mode=online",
@@ -21,7 +21,7 @@ OVERRIDES = [
     "train.batch_size=8",
     "train.checkpoint_every=2",
     "train.processes=2",
-    "train.grad_accumulation=2",
+    "train.grad_accumulation=4",
 ]
 
 
@@ -36,11 +36,27 @@ def test_two_processes_train_identical_weights_with_the_global_batch(prefect_har
     assert manifest["global_batch"] == 8 and manifest["step"] == 4
     checksums = manifest["rank_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert manifest["gradient_syncs_per_step"] == 1  # 4 micro-batches, one all-reduce
     root = Plan(cfg).checkpoints.root
-    state = torch.load(checkpoint_dirs(root)[-1] / "state.pt", weights_only=False)
+    state = load_state(checkpoint_dirs(root)[-1])
     assert state["step"] == 4
     model, _ = load_final(root)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_two_processes_train_cad_with_self_conditioning_to_the_end(prefect_harness, workspace):
+    """At rate 0.5 several steps skip the self-conditioning pass: DDP must still reduce every parameter."""
+    cfg = load_config("tiny", [*OVERRIDES, "train.model=cad", "train.self_condition=0.5", "train.steps=6",
+                               "train.grad_accumulation=1"], str(workspace))  # fmt: skip
+    download_flow(cfg)
+    recaption_flow(cfg)
+    latents_flow(cfg)
+    train_flow(cfg)
+    manifest = Plan(cfg).checkpoints.read_manifest()
+    assert manifest["step"] == 6 and manifest["processes"] == 2
+    assert manifest["rank_checksums"][0] == manifest["rank_checksums"][1]
+    model, _ = load_final(Plan(cfg).checkpoints.root)
+    assert type(model).__name__ == "CAD"
 
 
 def test_batch_must_split_evenly_over_processes_and_micro_batches(prefect_harness, workspace):

@@ -1,0 +1,129 @@
+"""Checkpoint I/O of the train stage: the full training state every `checkpoint_every` steps, the EMA weights
+of the finished run under `final/`.
+
+A checkpoint holds everything a resumed run needs to continue exactly (model, EMA, optimizer, scheduler,
+gradient scaler, step, torch RNG states) as plain tensors and numbers, so it loads with
+`torch.load(weights_only=True)`: opening a checkpoint never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2i.data.store import atomic_path
+from t2i.models.dit import DiT, DiTConfig, build_dit
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+_STEP_DIR = re.compile(r"step-(\d{8})$")
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint appears only through an atomic rename)."""
+    folder = root / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file())
+
+
+def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    final = root / CHECKPOINTS / f"step-{step:08d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "state.pt")
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_final(root: Path, model: DiT, meta: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    final = root / FINAL
+    if final.exists():
+        shutil.rmtree(final)
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return final
+
+
+def build_denoiser(architecture: str, size: str, **overrides) -> torch.nn.Module:
+    """DiT-I or CAD-I of a named size; `patch_size=None` keeps the size's own."""
+    if overrides.get("patch_size", 0) is None:
+        del overrides["patch_size"]
+    if architecture == "cad":
+        from t2i.models.cad import build_cad
+
+        return build_cad(size, **overrides)
+    return build_dit(size, **overrides)
+
+
+def load_final(root: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((root / FINAL / "config.json").read_text())
+    if meta.get("architecture") == "cad":
+        from t2i.models.cad import CAD, CADConfig
+
+        model = CAD(CADConfig(**meta["model_config"]))
+    else:
+        model = DiT(DiTConfig(**meta["model_config"]))
+    model.load_state_dict(load_file(root / FINAL / "model.safetensors"))
+    return model.to(device).eval(), meta
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path / "state.pt", map_location=device, weights_only=True)
+
+
+def to_cpu(obj: Any) -> Any:
+    """A CPU copy of every tensor in nested dicts/lists, so training can go on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread from a CPU copy of the state: the process that saves goes
+    back to training once the copy is made, and no other rank waits for the disk. A save, and `close`,
+    first wait for the previous write, and re-raise its error."""
+
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root, self.keep = root, keep
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        self.wait()
+        snapshot = to_cpu(state)
+        self._thread = threading.Thread(target=self._write, args=(step, snapshot), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        try:
+            save_checkpoint(self.root, step, state, self.keep)
+        except BaseException as exc:  # re-raised in the training thread by the next wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    close = wait
