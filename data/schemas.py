@@ -36,6 +36,8 @@ def captions_schema(extra_columns: list[str] | None = None) -> pa.Schema:
     return schema
 
 
+SHAPE_META_KEY = b"t2i.latent_shape"  # a latents shard's metadata: the latent shape [C, H, W] as JSON
+
 LATENTS = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),

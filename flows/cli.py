@@ -2,6 +2,7 @@
 
 t2i run --preset tiny [--workspace DIR] [--set section.field=value ...]
 t2i download|recaption|latents|train|evaluate --preset P [...]
+t2i download --relist ...       (list a folder/dataset source again after its content changed)
 t2i status --preset P [--workspace DIR]
 t2i serve --preset P            (needs a Prefect server: `make server`)
 t2i ablate --preset tiny [--seeds 0 1 2]   (class vs vlm vs vlm+cutmix captions, shapes scorer)
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGE_COMMANDS:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         common(p)
+        if stage == "download":
+            p.add_argument(
+                "--relist",
+                action="store_true",
+                help="list the source again (its content changed): new listing → new fingerprints",
+            )
         if stage == "recaption":
             p.add_argument(
                 "--part", default=None, metavar="K/N", help="caption only the k-th of n shard sets"
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             _check_inputs(cfg, args.command)
             from t2i.flows.pipeline import STAGE_FLOWS
 
-            STAGE_FLOWS[args.command](cfg)
+            kwargs = {"relist": True} if getattr(args, "relist", False) else {}
+            STAGE_FLOWS[args.command](cfg, **kwargs)
         _print_outputs(cfg)
         print(f"\nt2i {args.command}: done in {time.time() - started:.1f}s")
         return 0

@@ -59,11 +59,24 @@ class DownloadConfig(StageConfig):
     max_pixels: int = Field(
         89_478_485, ge=1, description="Images declaring more pixels are rejected as decompression bombs."
     )
-    seed: int = Field(0, description="Seed of the synthetic generator.")
+    seed: int = Field(
+        0,
+        description="Seed of the synthetic generator; for folder and hf sources, of the shuffle that spreads "
+        "the listing over the shards (every shard mixes classes) and samples max_images.",
+    )
     hf_revision: str | None = Field(None, description="Dataset revision for hf: sources.")
     workers: int = Field(4, ge=1, le=256, description="Parallel shard workers (threads).")
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers"})
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """A folder's or dataset's content enters the fingerprint through its listing's digest (the plan adds
+        it), never through its path: the same data mounted elsewhere maps to the same artifacts."""
+        fields = super().fingerprint_fields()
+        if not self.source.startswith("synthetic:"):
+            for name in ("source", "split", "hf_revision"):  # in the listing's identity where they matter
+                del fields[name]
+        return fields
 
     @field_validator("source")
     @classmethod
@@ -316,6 +329,13 @@ class TrainConfig(StageConfig):
     sample_prompts: int = Field(8, ge=0, description="Training captions sampled in each grid (0: no grids).")
     seed: int = Field(0)
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per step (global batch is unchanged).")
+    loader_workers: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Processes per rank that assemble batches from the memory-mapped tables ahead of the "
+        "step (0: in the training process).",
+    )
     processes: int | None = Field(
         None,
         ge=1,
@@ -341,6 +361,7 @@ class TrainConfig(StageConfig):
             "sample_prompts",
             "device",
             "grad_accumulation",
+            "loader_workers",
             "processes",
             "nodes",
             "node_rank",

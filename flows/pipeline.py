@@ -16,6 +16,7 @@ from t2i.flows.evaluate import evaluate_flow
 from t2i.flows.latents import latents_flow
 from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import train_flow
+from t2i.tasks.model_cache import release_models
 
 STAGE_FLOWS = {
     "download": download_flow,
@@ -29,4 +30,8 @@ STAGE_FLOWS = {
 
 @flow(name="pipeline", description="Run every stage in order; finished stages are skipped.", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
-    return {stage: run(cfg) for stage, run in STAGE_FLOWS.items()}
+    results = {}
+    for stage, run in STAGE_FLOWS.items():
+        results[stage] = run(cfg)
+        release_models()  # the captioner's engine, the VAE: nothing of one stage stays on the next one's GPU
+    return results

@@ -8,8 +8,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from t2i.data.caption_sets import source_identity
-from t2i.data.sources import Source, open_source
+from t2i.data.listing import SourceSummary, is_listed, open_listed, source_summary
+from t2i.data.sources import ShapesSource, Source
 from t2i.data.store import Artifact, fingerprint
 from t2i.flows.config import PipelineConfig
 from t2i.models.tiny import tiny_identities
@@ -31,13 +34,16 @@ class MissingInput(RuntimeError):
 @dataclass
 class Plan:
     cfg: PipelineConfig
+    relist: bool = False  # list the source again instead of using the workspace's cached listing
 
     @functools.cached_property
-    def source(self) -> Source:
+    def source_summary(self) -> SourceSummary | None:
+        """The listed source (folder, dataset) from the workspace's cache; None for the generated shapes.
+        Only the small summary is read: the plan never opens the raw source once it has been listed."""
         d = self.cfg.download
-        return open_source(
-            d.source, split=d.split, seed=d.seed, max_images=d.max_images, revision=d.hf_revision
-        )
+        if not is_listed(d.source):
+            return None
+        return source_summary(self.cfg.workspace_path, d.source, d.split, d.hf_revision, relist=self.relist)
 
     def _artifact(self, stage: str, version: int, config: dict, inputs: dict[str, str]) -> Artifact:
         pinned = tiny_identities(config)  # a rebuilt or retrained tiny model makes new outputs
@@ -47,12 +53,39 @@ class Plan:
     @functools.cached_property
     def images(self) -> Artifact:
         config = self.cfg.download.fingerprint_fields()
-        config["source_identity"] = self.source.identity()
+        if self.source_summary is None:
+            config["source_identity"] = self._shapes().identity()
+            return self._artifact("download", download_task.SHAPES_VERSION, config, {})
+        config["source_identity"] = self.source_summary.identity()
         return self._artifact("download", download_task.VERSION, config, {})
 
     @property
+    def num_images(self) -> int:
+        d, summary = self.cfg.download, self.source_summary
+        if summary is None:
+            return int(d.max_images or 0)
+        return min(d.max_images or summary.count, summary.count)
+
+    @property
     def num_shards(self) -> int:
-        return download_task.num_shards(len(self.source), self.cfg.download.shard_size)
+        return download_task.num_shards(self.num_images, self.cfg.download.shard_size)
+
+    def item_order(self) -> np.ndarray:
+        """Source indices in shard order (a seeded shuffle of a listed source): the download stage's input."""
+        summary = self.source_summary
+        count = self.num_images if summary is None else summary.count
+        return download_task.item_order(count, self.cfg.download, shuffle=summary is not None)
+
+    def open_source(self) -> Source:
+        """The raw source, for the download stage only (every other stage reads the workspace)."""
+        d, summary = self.cfg.download, self.source_summary
+        if summary is None:
+            return self._shapes()
+        return open_listed(self.cfg.workspace_path, summary, d.source, d.split, d.hf_revision)
+
+    def _shapes(self) -> ShapesSource:
+        d = self.cfg.download
+        return ShapesSource(self.num_images, seed=d.seed, split=d.split)
 
     @functools.cached_property
     def composites(self) -> Artifact | None:

@@ -96,6 +96,26 @@ def shared_engine(**engine_args):
     return _ENGINE_SLOT["llm"]
 
 
+def release_engine() -> bool:
+    """Shut this process's vLLM engine down and free what it holds (weights, the KV cache it reserved at
+    `gpu_memory_utilization`), so stages that follow in the same process get the GPU. False if none ran."""
+    import gc
+
+    llm = _ENGINE_SLOT.pop("llm", None)
+    _ENGINE_SLOT.clear()
+    if llm is None:
+        return False
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if callable(getattr(core, "shutdown", None)):
+        core.shutdown()
+    del llm, core
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()  # process groups, then gc and the CUDA cache
+    gc.collect()
+    return True
+
+
 class VLLMCaptioner:
     """A vLLM engine (shared per process) and sampling settings; a whole shard (× prompts) goes through one
     `generate` call and continuous batching does the rest."""

@@ -26,7 +26,8 @@ from t2i.tasks.checkpoints import CHECKPOINTS, FINAL, checkpoint_dirs, load_fina
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import Progress, publish_markdown, run_logger
 from t2i.tasks.text import OnlineText
-from t2i.tasks.train import step_generator, to_vae_latents
+from t2i.tasks.train import to_vae_latents
+from t2i.tasks.train_batches import step_generator
 
 if TYPE_CHECKING:
     from t2i.flows.config import EvaluateConfig, LatentsConfig

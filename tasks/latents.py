@@ -10,7 +10,7 @@ import pyarrow as pa
 from prefect import task
 
 from t2i.data.imaging import RejectedImage, center_crop_resize, decode_image, to_tensor_range
-from t2i.data.schemas import LATENTS
+from t2i.data.schemas import LATENTS, SHAPE_META_KEY
 from t2i.data.store import Artifact, Reject, ShardInfo
 from t2i.models.tiny import resolve_model
 from t2i.models.vae import encode_moments
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from t2i.flows.config import LatentsConfig
 
 VERSION = 1
-SHAPE_META_KEY = b"t2i.latent_shape"
 
 
 def load_vae_for(cfg: LatentsConfig, artifact: Artifact):

@@ -70,3 +70,17 @@ def _cached(kind: str, key: str) -> Any:
 
 def cached_model(kind: str, **spec: Any) -> Any:
     return _cached(kind, json.dumps(spec, sort_keys=True))
+
+
+def release_models() -> None:
+    """Drop every cached model, the captioner's vLLM engine included, and return their memory: the pipeline
+    calls this between stages that share a process (and, with one GPU, the device)."""
+    import gc
+    import sys
+
+    _cached.cache_clear()
+    if "t2i.models.captioners" in sys.modules:  # nothing to release if no captioner was ever loaded
+        sys.modules["t2i.models.captioners"].release_engine()
+    gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.empty_cache()

@@ -2,7 +2,8 @@
 
 * online: the frozen T5 encoder runs in the training process on each batch's captions;
 * precomputed: the `latents` stage encodes every caption once into a `text` artifact (one Parquet shard per
-  captions shard: the unpadded last hidden state per key, in `text.dtype`), and training pads stored rows.
+  captions shard: the unpadded last hidden state per key, in `text.dtype`); training reads them from its
+  memory-mapped train table (`t2i.data.train_data`) and pads them.
 
 Both modes pad to the batch's longest caption, zero the padding, and round embeddings to `text.dtype`, so they
 feed the model the same tensors (up to float32 reduction order inside the encoder: ~1e-6). The empty-text
@@ -78,17 +79,6 @@ def null_embedding(cfg: TextConfig, workspace) -> dict[str, Any]:
     return {"dim": encoder.dim, "dtype": cfg.dtype, "null_embedding": row.tolist()}
 
 
-def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, longest, dim) float32 with zeros after each row's tokens, and the boolean mask."""
-    longest = max(r.shape[0] for r in rows)
-    out = torch.zeros(len(rows), longest, rows[0].shape[1])
-    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r.float()
-        mask[i, : r.shape[0]] = True
-    return out, mask
-
-
 class OnlineText:
     """The encoder in the training process; outputs rounded to `dtype` like stored embeddings are."""
 
@@ -100,34 +90,3 @@ class OnlineText:
         """`None` is the dropped (empty) text."""
         hidden, mask = self.encoder.encode(["" if c is None else c for c in captions])
         return hidden.to(self.dtype).float(), mask
-
-
-class PrecomputedText:
-    """Stored embeddings by key, held in memory in their stored dtype; no encoder in the process."""
-
-    def __init__(self, artifacts: Sequence[Artifact], num_shards: int) -> None:
-        self.rows: dict[str, torch.Tensor] = {}
-        manifest = artifacts[0].read_manifest()
-        self.dim, dtype = manifest["dim"], manifest["dtype"]
-        self.null = torch.tensor(manifest["null_embedding"], dtype=getattr(torch, dtype))
-        for artifact in artifacts:
-            for i in range(num_shards):
-                table = artifact.read_shard(i, columns=["key", "embedding"])
-                for key, data in zip(table["key"].to_pylist(), table["embedding"].to_pylist(), strict=True):
-                    self.rows[key] = _from_bytes(data, dtype, self.dim)
-
-    def encode(self, captions: Sequence[str | None], keys: Sequence[str | None]) -> tuple:
-        return pad_rows(
-            [self.null if c is None else self.rows[k] for c, k in zip(captions, keys, strict=True)]
-        )
-
-
-def text_conditioning(
-    cfg: TextConfig, workspace, device: str, artifacts: Sequence[Artifact], num_shards: int
-):
-    """What the trainer asks for text: stored rows when `text.mode` is precomputed, else the encoder."""
-    if cfg.mode == "precomputed":
-        if not artifacts:
-            raise ValueError("text.mode is precomputed but no text artifact was given: run the latents stage")
-        return PrecomputedText(artifacts, num_shards)
-    return OnlineText(load_encoder(cfg, workspace, device), cfg.dtype)

@@ -1,18 +1,18 @@
 """Train stage unit of work: the denoiser on stored latents and captions, resumable from its checkpoints.
 
-Every random draw of step `s` (batch order, CFG dropout, t, noise, latent sampling) comes from generators
-seeded by (seed, s), so a run resumed from the checkpoint of step k replays exactly the steps an
-uninterrupted run would have taken.
+The loop reads like a story: open the memory-mapped train tables, build (or resume) the model, EMA and
+optimizer on the training device, then per step take this rank's micro-batches from the loader
+(`t2i.tasks.train_batches`), step, and log / preview / checkpoint on schedule. Every random draw of a step
+comes from generators seeded by the step, so a resumed run replays exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +22,9 @@ import torch
 from prefect import task
 
 from t2i.data.store import Artifact, atomic_path
+from t2i.data.train_data import TrainTable, build_train_table, pad_rows, train_table_for
 from t2i.models.cad import self_conditioned_forward
-from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
+from t2i.models.conditioning import apply_text_dropout
 from t2i.models.diffusion import EpsilonObjective
 from t2i.models.dit import count_parameters
 from t2i.models.ema import EMA
@@ -36,10 +37,16 @@ from t2i.tasks.checkpoints import (
     load_state,
     save_final,
 )
-from t2i.tasks.latents import SHAPE_META_KEY
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import publish_markdown, run_logger
-from t2i.tasks.text import text_conditioning
+from t2i.tasks.text import OnlineText, load_encoder
+from t2i.tasks.train_batches import (
+    SHARED_STREAM,
+    StepBatches,
+    batch_loader,
+    scatter_kept,
+    step_generator,
+)
 
 if TYPE_CHECKING:
     from t2i.flows.config import TextConfig, TrainConfig
@@ -51,45 +58,31 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-@dataclass
-class TrainData:
-    """Latent moments and captions joined by key, in memory (float16 moments: ~16 KB per 256-px image)."""
-
-    keys: list[str]
-    mean: torch.Tensor  # (N, C, H, W) float16
-    std: torch.Tensor
-    captions: list[str]
-
-    def __len__(self) -> int:
-        return len(self.keys)
+def open_train_table(
+    latents: Artifact, captions: Artifact, num_shards: int, text: Artifact | None = None
+) -> TrainTable:
+    """The memory-mapped join of these inputs, built first if missing."""
+    return TrainTable(
+        build_train_table(train_table_for(latents, captions, text), latents, captions, num_shards, text).root
+    )
 
 
-def load_train_data(latents: Artifact, captions: Artifact, num_shards: int) -> TrainData:
-    keys, means, stds, texts = [], [], [], []
-    for i in range(num_shards):
-        lat = latents.read_shard(i)
-        shape = json.loads(lat.schema.metadata[SHAPE_META_KEY])
-        by_key = dict(
-            zip(
-                *(
-                    captions.read_shard(i, columns=["key", "caption"])[c].to_pylist()
-                    for c in ("key", "caption")
-                ),
-                strict=True,
-            )
-        )
-        for key, mean, std in zip(
-            lat["key"].to_pylist(), lat["mean"].to_pylist(), lat["std"].to_pylist(), strict=True
-        ):
-            if key not in by_key:  # rejected by the captioner: no text, no training sample
-                continue
-            keys.append(key)
-            means.append(np.frombuffer(mean, np.float16).reshape(shape))
-            stds.append(np.frombuffer(std, np.float16).reshape(shape))
-            texts.append(by_key[key])
-    if not keys:
-        raise RuntimeError("no training samples: latents and captions share no keys")
-    return TrainData(keys, torch.from_numpy(np.stack(means)), torch.from_numpy(np.stack(stds)), texts)
+def train_tables(
+    text_cfg: TextConfig,
+    latents: Artifact,
+    captions: Artifact,
+    num_shards: int,
+    composites: tuple[Artifact, Artifact, int] | None,
+    text_embeddings: Sequence[Artifact],
+) -> tuple[TrainTable, TrainTable | None]:
+    """The tables of the images and of the composites (with their stored text in precomputed mode). The
+    distributed launcher calls this before the ranks start, so they only open what it built."""
+    stored = list(text_embeddings) if text_cfg.mode == "precomputed" else []
+    if text_cfg.mode == "precomputed" and not stored:
+        raise ValueError("text.mode is precomputed but no text artifact was given: run the latents stage")
+    table = open_train_table(latents, captions, num_shards, stored[0] if stored else None)
+    comps = open_train_table(*composites, stored[1] if len(stored) > 1 else None) if composites else None
+    return table, comps
 
 
 LatentNorm = dict[str, list[float]] | float  # {"shift": [C], "scale": [C]}, or one scale with no shift
@@ -143,35 +136,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-# Every rank draws its own samples from its own stream; a few choices must agree across the ranks (whether
-# CAD-I takes its self-conditioning pass this step), and those come from one stream no rank number uses.
-SHARED_STREAM = 2**32 - 1
-
-
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Samples of `step`: epochs are seeded permutations, walked in order, so any step is addressable.
-
-    An epoch's permutation is drawn once and kept, so a step costs O(batch), not O(dataset).
-    """
-    start = step * batch
-    parts, taken = [], 0
-    while taken < batch:
-        epoch, offset = divmod(start + taken, n)
-        part = _epoch_permutation(n, seed, epoch)[offset : offset + batch - taken]
-        parts.append(part)
-        taken += len(part)
-    return torch.cat(parts)
-
-
 class SamplePreview:
     """Sample grids of fixed training captions with the EMA weights every `sample_every` steps: a PNG under
     `samples/`, the TensorBoard image, and a Prefect markdown artifact pointing at the file.
@@ -180,12 +144,10 @@ class SamplePreview:
     the other ranks, waiting at the next gradient all-reduce, are never held long.
     """
 
-    def __init__(
-        self, root: Path, vae_path: str, data: TrainData, count: int, texts, scale, cfg, build, device
-    ):
-        self.root, self.vae_path, self.texts, self.scale, self.cfg = root, vae_path, texts, scale, cfg
-        self.prompts, self.keys = data.captions[:count], data.keys[:count]
-        self.latent_shape = tuple(data.mean.shape[1:])
+    def __init__(self, root: Path, vae_path: str, text: TrainText, count: int, scale, cfg, build, device):
+        self.root, self.vae_path, self.text, self.scale, self.cfg = root, vae_path, text, scale, cfg
+        self.rows = np.arange(min(count, len(text.table)))
+        self.prompts = text.table.column("caption", self.rows)
         self.build, self.device, self.model = build, torch.device(device), None
 
     def sample(self, ema: EMA, step: int):
@@ -198,11 +160,10 @@ class SamplePreview:
         if self.model is None:
             self.model = self.build().to(self.device).eval()
         ema.copy_to(self.model)
-        text, mask = (x.to(self.device) for x in self.texts.encode(self.prompts, self.keys))
-        null_text, null_mask = (x.to(self.device) for x in self.texts.encode([None], [None]))
+        text, mask = self.text.of_rows(self.rows)
         z = sample_latents(
-            self.cfg.objective, "auto", self.model, (len(self.prompts), *self.latent_shape), text, mask,
-            null_text, null_mask, steps=20, guidance_scale=3.0,
+            self.cfg.objective, "auto", self.model, (len(self.rows), *self.text.table.latent_shape), text, mask,
+            self.text.null_text, self.text.null_mask, steps=20, guidance_scale=3.0,
             generator=torch.Generator(self.device).manual_seed(self.cfg.seed),
         )  # fmt: skip
         pixels = decode_latents(vae, to_vae_latents(z, self.scale))
@@ -241,7 +202,7 @@ def _count_and_allreduce(syncs: GradientSyncs, bucket):
 
 @dataclass
 class Trainer:
-    """What every step of one run uses: the prepared model and optimizer, the data and text conditioning."""
+    """What every step of one run uses: the prepared model and optimizer, and the text conditioning."""
 
     cfg: TrainConfig
     accelerator: Any
@@ -249,58 +210,20 @@ class Trainer:
     ema: EMA
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    data: TrainData
-    composites: TrainData | None
-    texts: Any
-    shift: torch.Tensor
-    scale: torch.Tensor
+    text: TrainText
     swapped: int = 0
     drawn: int = 0
     timing: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "text": 0.0, "total": 0.0})
 
     @property
     def objective(self):
-        return EpsilonObjective() if self.cfg.objective == "epsilon" else RectifiedFlowObjective()
+        return objective_for(self.cfg)
 
-    def batch(self, idx: torch.Tensor, g: torch.Generator):
-        """One micro-batch on the device: (z, text, mask, t, eps), with CutMix swaps and CFG dropout applied."""
-        cfg, data, comps = self.cfg, self.data, self.composites
-        t_data = time.perf_counter()
-        mean, std = data.mean[idx].float(), data.std[idx].float()
-        captions = [data.captions[i] for i in idx.tolist()]
-        keys = [data.keys[i] for i in idx.tolist()]
-        t = self.objective.sample_t(len(idx), generator=g)
-        if comps is not None:  # CutMix: latent and caption swapped together, only at t > threshold
-            gate = cutmix_gate(t, g, cfg.cutmix_threshold, cfg.cutmix_p)
-            pick = torch.randint(len(comps), (len(idx),), generator=g)
-            rows = gate.nonzero().flatten()
-            mean[rows], std[rows] = comps.mean[pick[rows]].float(), comps.std[pick[rows]].float()
-            for j in rows.tolist():
-                captions[j], keys[j] = comps.captions[int(pick[j])], comps.keys[int(pick[j])]
-            self.swapped += len(rows)
-        self.drawn += len(idx)
-        z = (mean + std * torch.randn(mean.shape, generator=g) - self.shift) * self.scale
-        if cfg.latent_crop:
-            z = random_latent_crop(z, cfg.latent_crop, g)
-        drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
-        t_text = time.perf_counter()
-        self.timing["data"] += t_text - t_data
-        text, mask = self.texts.encode(
-            [None if d else c for c, d in zip(captions, drop.tolist(), strict=True)], keys
-        )
-        eps = torch.randn(z.shape, generator=g)
-        self.timing["text"] += time.perf_counter() - t_text
-        dev = self.accelerator.device
-        return z.to(dev), text.to(dev), mask.to(dev), t.to(dev), eps.to(dev)
-
-    def step(self, step: int, rank_idx: torch.Tensor) -> torch.Tensor:
-        """One optimizer step over this rank's samples; returns the loss on the device (no host sync).
-
-        Gradients are all-reduced once, on the last micro-batch: the others run forward and backward
-        inside `no_sync`.
-        """
-        cfg, accelerator, model = self.cfg, self.accelerator, self.model
-        g = step_generator(cfg.seed, step, accelerator.process_index)
+    def step(self, step: int, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches; returns loss and gradient norm on the device
+        (no host sync). Gradients are all-reduced once, on the last micro-batch: the others run forward and
+        backward inside `no_sync`."""
+        cfg, accelerator, model, dev = self.cfg, self.accelerator, self.model, self.accelerator.device
         denoise = model
         if cfg.model == "cad" and cfg.self_condition > 0:  # RIN self-conditioning, the coin shared by ranks
             shared = step_generator(cfg.seed, step, SHARED_STREAM)
@@ -309,10 +232,16 @@ class Trainer:
                 return self_conditioned_forward(model, x, t, text, mask, cfg.self_condition, generator=shared)
 
         accum = cfg.grad_accumulation
-        micro = len(rank_idx) // accum
-        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_sum = torch.zeros((), device=dev)
         for m in range(accum):
-            z, text, mask, t, eps = self.batch(rank_idx[m * micro : (m + 1) * micro], g)
+            t_data = time.perf_counter()
+            b = next(batches)
+            t_text = time.perf_counter()
+            text, mask = self.text.of_batch(b)
+            self.timing["data"] += t_text - t_data
+            self.timing["text"] += time.perf_counter() - t_text
+            self.swapped, self.drawn = self.swapped + b["swapped"], self.drawn + len(b["drop"])
+            z, t, eps = (b[k].to(dev, non_blocking=True) for k in ("z", "t", "eps"))
             with contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss, _ = self.objective.loss(denoise, z, text, mask, t=t, eps=eps)
@@ -324,6 +253,45 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(model)
         return loss_sum, grad_norm
+
+
+def objective_for(cfg: TrainConfig):
+    return EpsilonObjective() if cfg.objective == "epsilon" else RectifiedFlowObjective()
+
+
+class TrainText:
+    """The denoiser's text: the kept captions encoded online, or their stored embeddings (padded by the
+    loader); then `apply_text_dropout` puts the empty text's embedding in the dropped rows. Both modes give
+    the same tensors, and the CFG dropout is the unit its tests test."""
+
+    def __init__(self, text_cfg: TextConfig, table: TrainTable, workspace, device) -> None:
+        self.table, self.device, self.encoder = table, torch.device(device), None
+        if table.words is not None:  # text.mode precomputed
+            self.dim = table.words.shape[1]
+            null = table.null_embedding().float()[None]
+            self.null_text, self.null_mask = null, torch.ones(null.shape[:2], dtype=torch.bool)
+        else:
+            self.encoder = OnlineText(load_encoder(text_cfg, workspace, str(device)), text_cfg.dtype)
+            self.dim = self.encoder.dim
+            self.null_text, self.null_mask = self.encoder.encode([None])
+        self.null_text, self.null_mask = self.null_text.to(self.device), self.null_mask.to(self.device)
+
+    def of_batch(self, b: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "text" in b:
+            text, mask = b["text"], b["mask"]
+        else:
+            packed = self.encoder.encode(b["captions"]) if b["keep"] else (None, None)
+            text, mask = scatter_kept(*packed, b["keep"], len(b["drop"]), self.dim)
+        text, mask = text.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        return apply_text_dropout(text, mask, b["drop"].to(self.device), self.null_text, self.null_mask)
+
+    def of_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text of table rows as the denoiser sees it (for previews)."""
+        if self.encoder is None:
+            text, mask = pad_rows(self.table.embeddings_of(rows))
+        else:
+            text, mask = self.encoder.encode(self.table.column("caption", rows))
+        return text.to(self.device), mask.to(self.device)
 
 
 # --- logging and health -----------------------------------------------------------------------------------
@@ -429,29 +397,26 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> int:
     return state["step"]
 
 
-def build_trainer(cfg, accelerator, build, data, composites, texts, scale_factor, root: Path, log):
+def build_trainer(cfg, accelerator, build, text: TrainText, scale_factor, root: Path, log):
     """Model, EMA, optimizer and scheduler on the training device, resumed from the newest checkpoint,
     then prepared (DDP); the step to continue from."""
-    channels = data.mean.shape[1]
-    shift, scale = latent_norm_tensors(scale_factor, channels)
     torch.manual_seed(cfg.seed)
     model = build().to(accelerator.device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.final_lr_ratio)
     )
-    trainer = Trainer(cfg, accelerator, model, EMA(model, decay=cfg.ema_decay), optimizer, scheduler,
-                      data, composites, texts, shift, scale)  # fmt: skip
+    trainer = Trainer(cfg, accelerator, model, EMA(model, decay=cfg.ema_decay), optimizer, scheduler, text)
     step = 0
     if ckpts := checkpoint_dirs(root):
         step = restore(trainer, load_state(ckpts[-1]))
         log.info(f"[train] resuming from {ckpts[-1].name} (step {step} of {cfg.steps})")
     else:
-        c, h, w = data.mean.shape[1:]
+        shape = "×".join(map(str, text.table.latent_shape))
         log.info(
             f"[train] {cfg.model}-{cfg.size} (patch {model.config.patch_size}): "
-            f"{count_parameters(model) / 1e6:.2f}M parameters, {len(data)} samples, "
-            f"latents {c}×{h}×{w}, normalised by {describe_norm(scale_factor)}"
+            f"{count_parameters(model) / 1e6:.2f}M parameters, {len(text.table)} samples, "
+            f"latents {shape}, normalised by {describe_norm(scale_factor)}"
         )
     trainer.model, trainer.optimizer = accelerator.prepare(model, optimizer)
     return trainer, step
@@ -519,21 +484,24 @@ def train_denoiser(
     """
     log, root = run_logger(), artifact.root
     accelerator = make_accelerator(cfg)
-    per_rank, rank = rank_batch(cfg, accelerator.num_processes), accelerator.process_index
-    data = load_train_data(latents, captions, num_shards)
-    comps = load_train_data(*composites) if composites is not None else None
-    texts = text_conditioning(
-        text_cfg, artifact.workspace, str(accelerator.device), text_embeddings, num_shards
-    )
-    c, h, _ = data.mean.shape[1:]
+    rank_batch(cfg, accelerator.num_processes)
+    table, comps = train_tables(text_cfg, latents, captions, num_shards, composites, text_embeddings)
+    text = TrainText(text_cfg, table, artifact.workspace, accelerator.device)
+    c, h, _ = table.latent_shape
 
     def build() -> torch.nn.Module:
-        return build_denoiser(cfg.model, cfg.size, latent_channels=c, latent_size=h, text_dim=texts.dim,
+        return build_denoiser(cfg.model, cfg.size, latent_channels=c, latent_size=h, text_dim=text.dim,
                               patch_size=cfg.patch_size)  # fmt: skip
 
-    trainer, step = build_trainer(cfg, accelerator, build, data, comps, texts, scale_factor, root, log)
+    trainer, step = build_trainer(cfg, accelerator, build, text, scale_factor, root, log)
     syncs, first, steplog = watch_gradient_syncs(trainer.model), step, StepLog(accelerator)
     last_stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    shift, scale = latent_norm_tensors(scale_factor, c)
+    batches = iter(batch_loader(
+        StepBatches(cfg, trainer.objective, table, comps, step, last_stop, accelerator.process_index,
+                    accelerator.num_processes, shift, scale),
+        cfg.loader_workers, pin_memory=accelerator.device.type == "cuda",
+    ))  # fmt: skip
     outputs = {"root": root}
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -541,19 +509,17 @@ def train_denoiser(
         outputs["writer"] = CheckpointWriter(root, cfg.keep_checkpoints)
         outputs["board"] = SummaryWriter(str(root / "tensorboard"))
         if vae_path and cfg.sample_prompts:
-            outputs["preview"] = SamplePreview(root, vae_path, data, cfg.sample_prompts, texts, scale_factor,
-                                               cfg, build, accelerator.device)  # fmt: skip
+            outputs["preview"] = SamplePreview(root, vae_path, text, cfg.sample_prompts, scale_factor, cfg, build,
+                                               accelerator.device)  # fmt: skip
     try:
         while step < last_stop:
             t_step = time.perf_counter()
-            idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[
-                rank * per_rank : (rank + 1) * per_rank
-            ]
-            loss, grad_norm = trainer.step(step, idx)
+            loss, grad_norm = trainer.step(step, batches)
             step += 1
             trainer.timing["total"] += time.perf_counter() - t_step
             steplog.add(step, loss, grad_norm, cfg.batch_size)
             after_step(trainer, step, last_stop, steplog, outputs, log)
+        next(batches, None)  # the loader is exhausted: its workers exit now, not at garbage collection
     finally:
         if "writer" in outputs:
             outputs["writer"].close()
@@ -576,7 +542,7 @@ def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | No
         )
     return {
         "step": step,
-        "samples": len(trainer.data),
+        "samples": len(trainer.text.table),
         "parameters": count_parameters(unwrapped),
         "processes": acc.num_processes,
         "global_batch": cfg.batch_size,
@@ -599,7 +565,7 @@ def save_final_model(
         "objective": trainer.cfg.objective,
         "text_encoder": text_cfg.model_dump(mode="json"),
         "latent_norm": scale_factor,
-        "latent_shape": list(trainer.data.mean.shape[1:]),
+        "latent_shape": list(trainer.text.table.latent_shape),
         "ema_decay": trainer.cfg.ema_decay,
         "steps": step,
     }
@@ -629,6 +595,7 @@ def launch_distributed(
     import sys
 
     log = run_logger()
+    train_tables(text_cfg, latents, captions, num_shards, composites, text_embeddings)  # once, not per rank
     spec = {
         "train": cfg.model_dump(mode="json"),
         "text": text_cfg.model_dump(mode="json"),

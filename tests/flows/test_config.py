@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from t2i.flows.config import ConfigError, available_presets, load_config
 
@@ -84,3 +85,14 @@ def test_a_later_field_at_its_default_keeps_the_fingerprint():
     set_to_four = load_config("tiny").train.fingerprint_fields()  # the preset sets 4
     assert set_to_four["patch_size"] == 4
     assert {k: v for k, v in set_to_four.items() if k != "patch_size"} == default
+
+
+def test_imagenet256_encodes_text_in_bfloat16(workspace):
+    """The online encoder runs on every training batch: the preset loads it in bfloat16, not float32."""
+    from t2i.tasks.text import load_encoder
+
+    cfg = load_config("imagenet256", ["text.encoder=tiny:t5"], str(workspace))
+    encoder = load_encoder(cfg.text, workspace, "cpu")
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.bfloat16}
+    hidden, mask = encoder.encode(["a red circle"])
+    assert hidden.dtype.is_floating_point and mask.any()

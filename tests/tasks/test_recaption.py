@@ -169,6 +169,27 @@ def test_trained_captioner_through_vllm_matches_the_ground_truth(prefect_harness
     assert "Against ground truth (128 images)" in summary_markdown(manifest)
 
 
+def test_released_models_free_the_engine_and_the_next_stage_loads_its_own(prefect_harness, workspace):
+    """What the pipeline does between stages: no captioner engine stays alive beside latents and training."""
+    import gc
+    import weakref
+
+    from t2i.models import captioners
+    from t2i.tasks.model_cache import release_models
+
+    cfg = load_config("tiny", ["cutmix.enabled=false", "download.max_images=8", "download.shard_size=8"],
+                      str(workspace))  # fmt: skip
+    download_flow(cfg)
+    recaption_flow(cfg)
+    engine = weakref.ref(captioners._ENGINE_SLOT["llm"])
+    release_models()
+    gc.collect()
+    assert engine() is None and not captioners._ENGINE_SLOT
+    image = Image.new("RGB", (32, 32), "red")
+    again = load_captioner(cfg.recaption, workspace).caption([image], [""], {"caption": "describe the image"})
+    assert again["caption"][0].text and captioners._ENGINE_SLOT["llm"] is not None
+
+
 def test_ground_truth_grading_is_real(prefect_harness, workspace):
     """Class-name captions share no phrase with the scenes' captions: graded, they score zero exact."""
     cfg = load_config(

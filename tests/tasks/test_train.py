@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,14 +14,15 @@ from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import resolve_scale_factor, train_flow
 from t2i.tasks.checkpoints import checkpoint_dirs, load_final, load_state
-from t2i.tasks.text import OnlineText, PrecomputedText, load_encoder
 from t2i.tasks.train import (
     NonFiniteLoss,
-    batch_indices,
-    load_train_data,
+    TrainText,
     lr_factor,
+    objective_for,
+    open_train_table,
     train_denoiser,
 )
+from t2i.tasks.train_batches import assemble_batch, batch_indices
 
 OVERRIDES = [
     "cutmix.enabled=false",
@@ -191,12 +193,17 @@ def test_precomputed_text_feeds_the_same_batches_as_the_online_encoder(data_work
     assert summary["text"]["complete"] and text.read_manifest()["rows"] == 48  # ... only text was added
     assert [row[0] for row in plan.artifacts()].count("text embeddings") == 1
 
-    data = load_train_data(plan.latents, plan.captions, plan.num_shards)
-    picks = [0, 5, 9, 17, 30, 47]
-    captions = [None if i == 9 else data.captions[i] for i in picks]  # 9: dropped to the empty text (CFG)
-    keys = [data.keys[i] for i in picks]
-    a, mask_a = OnlineText(load_encoder(online.text, data_workspace, "cpu"), "float32").encode(captions, keys)
-    b, mask_b = PrecomputedText([text], plan.num_shards).encode(captions, keys)
+    rows, cfg = np.array([0, 5, 9, 17, 30, 47]), stored.train.model_copy(update={"cfg_dropout": 0.4})
+    texts = []
+    for mode, table in (
+        (online, open_train_table(plan.latents, plan.captions, plan.num_shards)),
+        (stored, open_train_table(plan.latents, plan.captions, plan.num_shards, text)),
+    ):
+        batch = assemble_batch(cfg, objective_for(cfg), table, None, rows, torch.Generator().manual_seed(1),
+                               torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1))  # fmt: skip
+        texts.append((batch["drop"], *TrainText(mode.text, table, data_workspace, "cpu").of_batch(batch)))
+    (drop_a, a, mask_a), (drop_b, b, mask_b) = texts
+    assert torch.equal(drop_a, drop_b) and 0 < int(drop_a.sum()) < len(rows)  # some rows get the empty text
     assert torch.equal(mask_a, mask_b) and a.shape == b.shape
     assert (a - b).abs().max().item() <= 1e-5  # float32 reduction order inside T5 only
 
@@ -208,3 +215,14 @@ def test_precomputed_text_feeds_the_same_batches_as_the_online_encoder(data_work
     a_state = load_final(Plan(online).checkpoints.root)[0].state_dict()
     b_state = load_final(Plan(stored_other).checkpoints.root)[0].state_dict()
     assert max((a_state[k] - b_state[k]).abs().max().item() for k in a_state) <= 1e-4
+
+
+def test_loader_workers_feed_the_same_batches_as_the_training_process(data_workspace, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(data_workspace, other)
+    inline = load_config("tiny", [*OVERRIDES, "train.loader_workers=0"], str(data_workspace))
+    workers = load_config("tiny", [*OVERRIDES, "train.loader_workers=2"], str(other))
+    _run(inline)
+    _run(workers)
+    a, b = (load_final(Plan(c).checkpoints.root)[0].state_dict() for c in (inline, workers))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,250 @@
+"""The source listing, made once and cached in the workspace, so that only `download` ever opens the raw source.
+
+Walking 1.28M ImageNet files (or loading the Hub dataset) for every `t2i status` on every node was slow, and
+fingerprinting the folder's absolute path orphaned every artifact when the same data was mounted elsewhere.
+A source spec (a folder's path; a dataset, split and revision) is listed once into
+
+    <workspace>/sources/<spec key>/summary.json     digest, count, classes, ignored files (all the plan reads)
+    <workspace>/sources/listings/<digest>.parquet   a folder's files: path, size, label, sorted by path
+
+The download fingerprint takes the digest (what the files are), never where they are. Listings are named by
+their digest, so a relist never rewrites one that a running download reads, and moved copies share one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from array import array
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from t2i.data.sources import (
+    IMAGE_EXTENSIONS,
+    FolderSource,
+    HFSource,
+    Source,
+    hf_identity,
+    load_hf_dataset,
+)
+from t2i.data.store import atomic_path, canonical_json
+
+SOURCES_DIR = "sources"
+SUMMARY = "summary.json"
+SCAN_THREADS = 16  # directories read at once: on NFS/Lustre every readdir and stat is a network round trip
+
+
+def is_listed(source: str) -> bool:
+    """Folders and datasets are listed; the generated shapes world is not (its config is its content)."""
+    return not source.startswith("synthetic:")
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """What a source spec held when it was listed: small enough for every `t2i status` to read."""
+
+    kind: str  # "folder" | "hf"
+    source: str  # the spec as listed (informational: not part of any fingerprint)
+    digest: str  # folder: the sorted (path, size) lines; hf: the dataset's identity
+    count: int
+    classes: list[str]  # label → class name (folder names, or the dataset's ClassLabel names)
+    ignored: int = 0  # files without an image extension
+    listing: str | None = None  # folder: the listing's path relative to the workspace
+    hf: dict[str, Any] | None = None  # hf: name (Hub only), split, revision, dataset fingerprint, rows
+    listed_at: float = 0.0
+    seconds: float = 0.0
+
+    def identity(self) -> dict[str, Any]:
+        """What the download fingerprint takes from the source: its content, never its location."""
+        return {"kind": self.kind, "digest": self.digest, "count": self.count}
+
+
+def spec_dir(workspace: Path, source: str, split: str, revision: str | None) -> Path:
+    """Where a spec's summary lives: one per folder path, one per dataset × split × revision. The path is
+    made absolute but symlinks are not resolved: a node where the data is not mounted finds the same key."""
+    kind, _, rest = source.partition(":")
+    local = Path(rest).expanduser()
+    if kind == "folder" or local.is_dir():
+        source = f"{kind}:{os.path.abspath(local)}"
+    spec = [source] if kind == "folder" else [source, split, revision]
+    return Path(workspace) / SOURCES_DIR / hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
+
+
+def source_summary(
+    workspace: Path, source: str, split: str, revision: str | None, relist: bool = False
+) -> SourceSummary:
+    """The cached summary of a spec; the source is listed when there is none yet, or on `relist`."""
+    path = spec_dir(workspace, source, split, revision) / SUMMARY
+    if not relist and path.is_file():
+        return SourceSummary(**json.loads(path.read_text()))
+    if source.startswith("folder:"):
+        summary = list_folder(Path(workspace), source)
+    else:
+        summary = list_dataset(source, split, revision)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(asdict(summary), indent=1) + "\n")
+    return summary
+
+
+# --- folders ------------------------------------------------------------------------------------------------
+
+
+def list_folder(workspace: Path, source: str) -> SourceSummary:
+    """Walk the folder once; write its listing (if no listing with its digest exists yet)."""
+    root = Path(source.partition(":")[2]).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"download.source: folder {root} does not exist")
+    started = time.time()
+    table, ignored = walk_folder(root)
+    table, classes = with_labels(table)
+    digest = listing_digest(table)
+    rel = f"{SOURCES_DIR}/listings/{digest}.parquet"
+    if not (workspace / rel).is_file():
+        with atomic_path(workspace / rel) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+    return SourceSummary(
+        kind="folder",
+        source=f"folder:{os.path.abspath(root)}",
+        digest=digest,
+        count=table.num_rows,
+        classes=classes,
+        ignored=ignored,
+        listing=rel,
+        listed_at=started,
+        seconds=round(time.time() - started, 3),
+    )
+
+
+def walk_folder(root: Path) -> tuple[pa.Table, int]:
+    """Every image file under `root` as (path relative to root, size), sorted by path, and the number of other
+    files. One `scandir` pass, the directories of a level read in parallel; paths are held once, as a list
+    of str, until they become an Arrow column."""
+    paths: list[str] = []
+    sizes = array("q")
+    ignored, level = 0, [""]
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:
+        while level:
+            below: list[str] = []
+            for names, lengths, dirs, others in pool.map(functools.partial(_scan, root), level):
+                paths += names
+                sizes += lengths
+                below += dirs
+                ignored += others
+            level = below
+    table = pa.table({"path": pa.array(paths, pa.string()), "size": np.frombuffer(sizes, np.int64)})
+    del paths
+    return table.sort_by("path"), ignored
+
+
+def _scan(root: Path, rel: str) -> tuple[list[str], array, list[str], int]:
+    """One directory: its image files (relative paths, sizes), its subfolders, its count of other files.
+    Hidden entries are skipped; symlinked folders are not followed (as `os.walk`), a loop would never end."""
+    names, sizes, dirs, others = [], array("q"), [], 0
+    with os.scandir(root / rel) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                dirs.append(path)
+            elif entry.is_dir():
+                continue
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                names.append(path)
+                sizes.append(_size(entry))
+            else:
+                others += 1
+    return names, sizes, dirs, others
+
+
+def _size(entry: os.DirEntry) -> int:
+    """-1 for a file that cannot be stat'ed (a broken link): it is listed, and rejected when read."""
+    try:
+        return entry.stat().st_size
+    except OSError:
+        return -1
+
+
+def with_labels(table: pa.Table) -> tuple[pa.Table, list[str]]:
+    """Add `label`: the file's top folder among the sorted class folders when every image sits in one
+    (ImageNet's layout), -1 for every file of a flat or mixed folder; and the class names."""
+    paths = table["path"]
+    nested = table.num_rows > 0 and pc.all(pc.match_substring(paths, "/")).as_py()
+    if not nested:
+        return table.append_column("label", pa.array(np.full(table.num_rows, -1, np.int32))), []
+    top = pc.list_element(pc.split_pattern(paths, "/", max_splits=1), 0)
+    classes = sorted(pc.unique(top).to_pylist())
+    labels = pc.index_in(top, value_set=pa.array(classes, pa.string())).cast(pa.int32())
+    return table.append_column("label", labels), classes
+
+
+def listing_digest(table: pa.Table) -> str:
+    """sha256 of the sorted `path<TAB>size` lines: the same files give the same digest wherever they are."""
+    h = hashlib.sha256()
+    for batch in table.select(["path", "size"]).to_batches(max_chunksize=1 << 16):
+        paths, sizes = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        h.update("".join(f"{p}\t{s}\n" for p, s in zip(paths, sizes, strict=True)).encode())
+    return h.hexdigest()[:16]
+
+
+def read_listing(workspace: Path, summary: SourceSummary) -> pa.Table:
+    path = Path(workspace) / str(summary.listing)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the listing of {summary.source} ({path}) is missing; `t2i download --relist` lists it again"
+        )
+    return pq.read_table(path)
+
+
+# --- datasets -----------------------------------------------------------------------------------------------
+
+
+def list_dataset(source: str, split: str, revision: str | None) -> SourceSummary:
+    """Load the dataset once: its identity (the `datasets` fingerprint, not a local path) and its size."""
+    import datasets
+
+    started = time.time()
+    name = source.partition(":")[2]
+    ds, local = load_hf_dataset(name, split, revision)
+    identity = hf_identity(ds, name, local, split, revision)
+    label = next((f for f in ds.features.values() if isinstance(f, datasets.ClassLabel)), None)
+    return SourceSummary(
+        kind="hf",
+        source=f"hf:{os.path.abspath(Path(name).expanduser())}" if local else source,
+        digest=hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16],
+        count=len(ds),
+        classes=list(label.names) if label else [],
+        hf=identity,
+        listed_at=started,
+        seconds=round(time.time() - started, 3),
+    )
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def open_listed(
+    workspace: Path, summary: SourceSummary, source: str, split: str, revision: str | None
+) -> Source:
+    """The reader the download task uses: files by relative path under the folder's current root, or the
+    dataset, checked against its summary (a changed dataset must be relisted, not mixed into old shards)."""
+    name = source.partition(":")[2]
+    if summary.kind == "folder":
+        return FolderSource(name, read_listing(workspace, summary), summary.classes)
+    ds, local = load_hf_dataset(name, split, revision)
+    if hf_identity(ds, name, local, split, revision) != summary.hf:
+        raise RuntimeError(
+            f"download.source: {source} changed since it was listed ({summary.hf}); "
+            "`t2i download --relist` lists it again (its outputs get new fingerprints)"
+        )
+    return HFSource(ds, split, name)

@@ -1,0 +1,135 @@
+"""What each training step sees: micro-batches assembled from the memory-mapped train tables, in loader
+workers, off the training loop's critical path.
+
+Every random draw of micro-batch m of step s on rank r (its samples, t, CutMix swaps, noise, crops, CFG
+dropout) comes from generators seeded by (seed, s, r, m), so a batch is the same whichever worker builds it
+and a run resumed at step k replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from t2i.data.train_data import TrainTable, pad_rows
+from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
+
+if TYPE_CHECKING:
+    from t2i.flows.config import TrainConfig
+
+# Every rank draws its own samples from its own stream; a few choices must agree across the ranks (whether
+# CAD-I takes its self-conditioning pass this step), and those come from one stream no rank number uses.
+SHARED_STREAM = 2**32 - 1
+
+
+def step_generator(seed: int, step: int, rank: int = 0, micro: int | None = None) -> torch.Generator:
+    entropy = [seed, step, rank] if micro is None else [seed, step, rank, micro]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """Samples of `step`: epochs are seeded permutations, walked in order, so any step is addressable.
+
+    An epoch's permutation is drawn once and kept, so a step costs O(batch), not O(dataset).
+    """
+    start = step * batch
+    parts, taken = [], 0
+    while taken < batch:
+        epoch, offset = divmod(start + taken, n)
+        part = _epoch_permutation(n, seed, epoch)[offset : offset + batch - taken]
+        parts.append(part)
+        taken += len(part)
+    return torch.cat(parts)
+
+
+def scatter_kept(packed: torch.Tensor | None, packed_mask: torch.Tensor | None, keep: list[int], batch: int,
+                 dim: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(B, L, D) text and mask holding the kept rows' padded text at `keep`, zeros and False elsewhere (the
+    dropped rows, which `apply_text_dropout` then fills with the empty text)."""
+    if packed is None or not keep:
+        return torch.zeros(batch, 1, dim, device=getattr(packed, "device", None)), torch.zeros(
+            batch, 1, dtype=torch.bool, device=getattr(packed, "device", None)
+        )
+    text = packed.new_zeros(batch, *packed.shape[1:])
+    mask = packed_mask.new_zeros(batch, packed_mask.shape[1])
+    text[keep], mask[keep] = packed, packed_mask
+    return text, mask
+
+
+def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainTable | None,
+                   idx: np.ndarray, g: torch.Generator, shift: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """One micro-batch of the rows `idx`: model-space latents z (CutMix composites swapped in where
+    `cutmix_gate` says, latent and caption together), t, noise, the CFG dropout mask, and the kept rows'
+    captions — or, when text embeddings are stored, their padded embeddings (dropped rows zero)."""
+    mean, std = table.moments_of(idx)
+    captions = table.column("caption", idx)
+    text_rows = table.embeddings_of(idx) if table.words is not None else None
+    t = objective.sample_t(len(idx), generator=g)
+    swapped = np.zeros(0, dtype=np.int64)
+    if comps is not None:
+        gate = cutmix_gate(t, g, cfg.cutmix_threshold, cfg.cutmix_p)
+        pick = torch.randint(len(comps), (len(idx),), generator=g).numpy()
+        swapped = gate.nonzero().flatten().numpy()
+        if len(swapped):
+            mean[swapped], std[swapped] = comps.moments_of(pick[swapped])
+            for j, caption in zip(swapped, comps.column("caption", pick[swapped]), strict=True):
+                captions[j] = caption
+            if text_rows is not None:
+                for j, row in zip(swapped, comps.embeddings_of(pick[swapped]), strict=True):
+                    text_rows[j] = row
+    z = (mean + std * torch.randn(mean.shape, generator=g) - shift) * scale
+    if cfg.latent_crop:
+        z = random_latent_crop(z, cfg.latent_crop, g)
+    drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
+    keep = (~drop).nonzero().flatten().tolist()
+    batch = {"z": z, "t": t, "eps": torch.randn(z.shape, generator=g), "drop": drop, "swapped": len(swapped),
+             "captions": [captions[i] for i in keep], "keep": keep}  # fmt: skip
+    if text_rows is not None:
+        kept = pad_rows([text_rows[i] for i in keep]) if keep else (None, None)
+        batch["text"], batch["mask"] = scatter_kept(*kept, keep, len(idx), table.words.shape[1])
+    return batch
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i is micro-batch i % accumulation of step first + i // accumulation, for one rank: a torch
+    DataLoader walks it in order with workers and pinned memory, so batches wait ready for the GPU."""
+
+    def __init__(self, cfg: TrainConfig, objective, table: TrainTable, comps: TrainTable | None,
+                 first: int, last: int, rank: int, world: int, shift: torch.Tensor, scale: torch.Tensor):  # fmt: skip
+        self.cfg, self.objective, self.table, self.comps = cfg, objective, table, comps
+        self.first, self.last, self.rank, self.world = first, last, rank, world
+        self.shift, self.scale = shift, scale
+
+    def __len__(self) -> int:
+        return (self.last - self.first) * self.cfg.grad_accumulation
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        cfg, accum = self.cfg, self.cfg.grad_accumulation
+        step, micro = divmod(i, accum)
+        step += self.first
+        per_rank = cfg.batch_size // self.world
+        size = per_rank // accum
+        start = self.rank * per_rank + micro * size
+        idx = batch_indices(len(self.table), cfg.batch_size, step, cfg.seed)[start : start + size].numpy()
+        g = step_generator(cfg.seed, step, self.rank, micro)
+        return assemble_batch(cfg, self.objective, self.table, self.comps, idx, g, self.shift, self.scale)
+
+
+def batch_loader(dataset: StepBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """Workers start from a fork server, not by forking the training process: that process holds CUDA and
+    the orchestrator's threads, which a forked child must not inherit (Prefect's handlers made forked
+    workers exit with an error)."""
+    workers = min(workers, len(os.sched_getaffinity(0)))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, multiprocessing_context="forkserver" if workers else None,
+    )  # fmt: skip
