@@ -252,9 +252,15 @@ class LatentsConfig(StageConfig):
     resolution: int = Field(256, gt=0, le=4096, description="Center crop + resize to this square size.")
     batch_size: int = Field(32, ge=1, description="Images per VAE forward.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="VAE compute precision.")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field(
+        "auto", description="'auto' (every visible GPU, one VAE each; else the CPU), 'cpu', 'cuda:1', ..."
+    )
+    gpus: int | None = Field(None, ge=1, description="GPUs to use with device 'auto' (default: all visible).")
+    workers: int | None = Field(
+        None, ge=1, description="Worker processes (default: one per GPU; 1 on CPU, in the flow's process)."
+    )
 
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "gpus", "workers"})
 
     @field_validator("resolution")
     @classmethod

@@ -10,7 +10,8 @@ from prefect import flow
 from t2i.data.store import Artifact
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
-from t2i.flows.stage_runner import run_sharded_stage
+from t2i.flows.stage_runner import StageRun, run_on_devices, run_sharded_stage, skipped_summary
+from t2i.tasks.device_workers import device_groups
 from t2i.tasks.latents import latent_statistics, latents_shard, reconstruction_quality
 from t2i.tasks.shards import run_logger
 from t2i.tasks.text import null_embedding, text_shard
@@ -28,18 +29,7 @@ def latents_flow(cfg: PipelineConfig) -> dict[str, Any]:
         images = plan.require(name, images)
         artifact = plan.latents_of(images)
         label = "latents" if name == "download" else "latents-composites"
-        runner = latents_shard.with_options(task_run_name=f"{label}-{{index}}")
-        summaries[name] = run_sharded_stage(
-            label,
-            artifact,
-            plan.num_shards,
-            lambda i, a=artifact, im=images, r=runner: r(cfg=cfg.latents, artifact=a, index=i, images=im),
-            extra=lambda a=artifact, im=images: {
-                "vae": cfg.latents.vae,
-                **latent_statistics(a, plan.num_shards),
-                "reconstruction": reconstruction_quality(cfg.latents, a, im, plan.num_shards),
-            },
-        )
+        summaries[name] = encode_image_set(cfg, plan, label, artifact, images)
         if summaries[name]["complete"] and not summaries[name]["skipped"]:
             quality = artifact.read_manifest().get("reconstruction") or {}
             if quality:
@@ -59,6 +49,35 @@ def latents_flow(cfg: PipelineConfig) -> dict[str, Any]:
         "text": summaries.get("text-download"),
         "composite_text": summaries.get("text-cutmix"),
     }
+
+
+def encode_image_set(
+    cfg: PipelineConfig, plan: Plan, label: str, artifact: Artifact, images: Artifact
+) -> dict:
+    """One VAE per GPU: a single device encodes in this process, several in one worker process each."""
+
+    def extra() -> dict[str, Any]:
+        return {
+            "vae": cfg.latents.vae,
+            **latent_statistics(artifact, plan.num_shards),
+            "reconstruction": reconstruction_quality(cfg.latents, artifact, images, plan.num_shards),
+        }
+
+    groups = (
+        device_groups(1, cfg.latents.gpus, cfg.latents.workers) if cfg.latents.device == "auto" else [None]
+    )
+    if len(groups) == 1:
+        runner = latents_shard.with_options(task_run_name=f"{label}-{{index}}")
+        return run_sharded_stage(
+            label, artifact, plan.num_shards,
+            lambda i: runner(cfg=cfg.latents, artifact=artifact, index=i, images=images), extra=extra,
+        )  # fmt: skip
+    if artifact.is_complete():
+        return skipped_summary(label, artifact)
+    run = StageRun(label, artifact, plan.num_shards)
+    if run.todo:
+        run_on_devices("latents", run, cfg.latents, images, groups)
+    return run.finish(extra)
 
 
 def precompute_text(cfg: PipelineConfig, plan: Plan, text: Artifact, captions: Artifact, name: str) -> dict:

@@ -12,13 +12,12 @@ from prefect import flow
 from t2i.data.store import Artifact
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
-from t2i.flows.stage_runner import StageRun, skipped_summary
+from t2i.flows.stage_runner import StageRun, run_on_devices, skipped_summary
 from t2i.tasks.recaption import (
     caption_summary,
     engine_groups,
     part_shards,
     recaption_shard,
-    run_worker,
     summary_markdown,
 )
 from t2i.tasks.shards import publish_markdown, run_logger
@@ -54,15 +53,7 @@ def caption_image_set(cfg: PipelineConfig, plan: Plan, name: str, images: Artifa
                 time.time() - t0,
             )
     elif run.todo:
-        run_logger().info(f"[{label}] {len(groups)} engines: {groups}")
-        futures = [
-            run_worker.with_options(task_run_name=f"{label}-worker-{w}").submit(
-                rc, artifact, images, run.todo[w :: len(groups)], gpus, w
-            )
-            for w, gpus in enumerate(groups)
-        ]
-        for fut in futures:
-            fut.result()
+        run_on_devices("recaption", run, rc, images, groups)
     summary = run.finish(lambda: caption_summary(artifact, plan.num_shards, rc, images))
     if summary["complete"]:
         manifest = {**artifact.read_manifest(), "path": str(artifact.root)}

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from t2i.data.store import Artifact, ShardInfo
+from t2i.tasks.device_workers import run_stage_worker
 from t2i.tasks.shards import Progress, run_logger
 
 
@@ -105,3 +106,17 @@ def run_sharded_stage(
             t0 = time.time()
             run.report(run_shard(i), time.time() - t0)
     return run.finish(extra)
+
+
+def run_on_devices(stage: str, run: StageRun, cfg: Any, images: Artifact, groups: list) -> None:
+    """The shards this run has left, interleaved over one worker process per device group (so the workers
+    get similar work), each a Prefect task of its own."""
+    run_logger().info(f"[{run.stage}] {len(groups)} workers: {groups}")
+    futures = [
+        run_stage_worker.with_options(task_run_name=f"{run.stage}-worker-{w}").submit(
+            stage, cfg, run.artifact, images, run.todo[w :: len(groups)], gpus, w
+        )
+        for w, gpus in enumerate(groups)
+    ]
+    for fut in futures:
+        fut.result()

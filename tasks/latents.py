@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from t2i.flows.config import LatentsConfig
 
 VERSION = 1
+DECODE_THREADS = 4  # Pillow decodes without the GIL: these keep the next batches ready for the GPU
 
 
 def load_vae_for(cfg: LatentsConfig, artifact: Artifact):
@@ -30,26 +33,40 @@ def load_vae_for(cfg: LatentsConfig, artifact: Artifact):
     )
 
 
+def _prepare(row: dict, resolution: int) -> tuple[str, np.ndarray | None, Reject | None]:
+    """One image decoded, center-cropped and resized for the VAE, or its reject."""
+    try:
+        image = decode_image(row["image"])
+    except RejectedImage as err:
+        return row["key"], None, Reject(row["key"], err.reason, err.detail)
+    return row["key"], to_tensor_range(center_crop_resize(image, resolution)), None
+
+
 @task(name="latents-shard", **SHARD_TASK_OPTIONS)
 def latents_shard(cfg: LatentsConfig, artifact: Artifact, index: int, images: Artifact) -> ShardInfo:
     if artifact.has_shard(index):
         return artifact.shard_info(index)
     vae = load_vae_for(cfg, artifact)
     rows = images.read_shard(index, columns=["key", "image"]).to_pylist()
-    keys, arrays, rejects = [], [], []
-    for row in rows:
-        try:
-            image = decode_image(row["image"])
-        except RejectedImage as err:
-            rejects.append(Reject(row["key"], err.reason, err.detail))
-            continue
-        keys.append(row["key"])
-        arrays.append(to_tensor_range(center_crop_resize(image, cfg.resolution)))
-    means, stds = [], []
-    for start in range(0, len(arrays), cfg.batch_size):
-        mean, std = encode_moments(vae, np.stack(arrays[start : start + cfg.batch_size]))
+    keys, batch, means, stds, rejects = [], [], [], [], []
+
+    def encode() -> None:
+        mean, std = encode_moments(vae, np.stack(batch))
         means.extend(mean)
         stds.extend(std)
+        batch.clear()
+
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:  # decoding runs ahead while the VAE encodes
+        for key, array, reject in pool.map(functools.partial(_prepare, resolution=cfg.resolution), rows):
+            if reject is not None:
+                rejects.append(reject)
+                continue
+            keys.append(key)
+            batch.append(array)
+            if len(batch) == cfg.batch_size:
+                encode()
+    if batch:
+        encode()
     shape = list(means[0].shape) if means else []
     table = pa.Table.from_pydict(
         {"key": keys, "mean": [m.tobytes() for m in means], "std": [s.tobytes() for s in stds]},

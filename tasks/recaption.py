@@ -8,9 +8,6 @@ the current one, and a failing item never costs the rest of its shard.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -29,8 +26,9 @@ from t2i.data.schemas import captions_schema
 from t2i.data.store import Artifact, Reject, ShardInfo
 from t2i.models.captioners import Caption, Captioner
 from t2i.models.tiny import resolve_model
+from t2i.tasks.device_workers import device_groups
 from t2i.tasks.model_cache import cached_model
-from t2i.tasks.shards import SHARD_TASK_OPTIONS, run_logger
+from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
     from t2i.flows.config import RecaptionConfig
@@ -207,67 +205,9 @@ def part_shards(num_shards: int, part: tuple[int, int]) -> list[int]:
 
 def engine_groups(cfg: RecaptionConfig) -> list[list[str] | None]:
     """GPU ids of each engine (tensor_parallel_size each); on CPU, `workers` engines without GPUs."""
-    import torch
-
     if cfg.backend in ("template", "import"):
         return [None]
-    if not torch.cuda.is_available():
-        return [None] * (cfg.workers or 1)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = (
-        [g for g in visible.split(",") if g]
-        if visible
-        else [str(i) for i in range(torch.cuda.device_count())]
-    )
-    ids = ids[: cfg.gpus] if cfg.gpus else ids
-    tp = cfg.tensor_parallel_size
-    groups = [ids[i : i + tp] for i in range(0, len(ids) - tp + 1, tp)]
-    if not groups:
-        raise ValueError(f"recaption.tensor_parallel_size={tp} needs {tp} GPUs, {len(ids)} visible")
-    return groups[: cfg.workers] if cfg.workers else groups
-
-
-@task(name="recaption-worker")
-def run_worker(
-    cfg: RecaptionConfig,
-    artifact: Artifact,
-    images: Artifact,
-    shards: list[int],
-    gpus: list[str] | None,
-    worker: int,
-) -> list[dict[str, Any]]:
-    """One engine process walking its shards; its per-shard reports are relayed to the run log."""
-    log = run_logger()
-    spec = {
-        "cfg": cfg.model_dump(mode="json"),
-        "artifact": artifact.ref(),
-        "images": images.ref(),
-        "shards": shards,
-    }
-    env = dict(os.environ)
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "t2i.flows.recaption_worker"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    proc.stdin.write(json.dumps(spec))
-    proc.stdin.close()
-    reports = []
-    for line in proc.stdout:
-        if line.startswith("T2I-SHARD "):
-            report = json.loads(line[len("T2I-SHARD ") :])
-            reports.append(report)
-            log.info(
-                f"[recaption] worker {worker}: part {report['index']:05d} done "
-                f"({report['rows']} rows, {report['rejects']} rejects, {report['seconds']:.1f}s)"
-            )
-    if proc.wait() != 0:
-        raise RuntimeError(f"recaption worker {worker} (GPUs {gpus}) exited with {proc.returncode}")
-    return reports
+    return device_groups(cfg.tensor_parallel_size, cfg.gpus, cfg.workers)
 
 
 # --- the stage summary ------------------------------------------------------------------------------------

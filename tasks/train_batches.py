@@ -55,10 +55,8 @@ def scatter_kept(packed: torch.Tensor | None, packed_mask: torch.Tensor | None, 
                  dim: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(B, L, D) text and mask holding the kept rows' padded text at `keep`, zeros and False elsewhere (the
     dropped rows, which `apply_text_dropout` then fills with the empty text)."""
-    if packed is None or not keep:
-        return torch.zeros(batch, 1, dim, device=getattr(packed, "device", None)), torch.zeros(
-            batch, 1, dtype=torch.bool, device=getattr(packed, "device", None)
-        )
+    if packed is None:  # every row dropped
+        return torch.zeros(batch, 1, dim), torch.zeros(batch, 1, dtype=torch.bool)
     text = packed.new_zeros(batch, *packed.shape[1:])
     mask = packed_mask.new_zeros(batch, packed_mask.shape[1])
     text[keep], mask[keep] = packed, packed_mask

@@ -76,3 +76,25 @@ def test_reconstruction_quality_tells_a_random_vae_from_the_trained_one(prefect_
     latents_flow(cfg)
     quality = Plan(cfg).latents.read_manifest()["reconstruction"]
     assert quality["psnr"] < 15 and quality["shapes_score"] < 0.2
+
+
+def test_two_latents_workers_write_what_one_process_writes(prefect_harness, workspace, tmp_path, caplog):
+    """Each visible GPU gets a worker process with its own VAE (here two CPU workers): same shards, same rows."""
+    import shutil
+
+    base = ["cutmix.enabled=false", NO_TEXT, "download.max_images=20", "download.shard_size=5"]
+    one = load_config("tiny", base, str(workspace))
+    download_flow(one)
+    shutil.copytree(workspace, tmp_path / "other")
+    two = load_config("tiny", [*base, "latents.workers=2"], str(tmp_path / "other"))
+    latents_flow(one)
+    summary = latents_flow(two)
+    assert "[latents] 2 workers: [None, None]" in caplog.text
+    assert summary["complete"] and Plan(two).latents.root.name == Plan(one).latents.root.name
+    for i in range(4):
+        a, b = Plan(one).latents.read_shard(i), Plan(two).latents.read_shard(i)
+        assert a["key"].to_pylist() == b["key"].to_pylist()
+        for column in ("mean", "std"):
+            x, y = (np.frombuffer(b"".join(t[column].to_pylist()), np.float16) for t in (a, b))
+            np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3)  # two processes: thread layout may differ
+    assert Plan(two).latents.read_manifest()["rows"] == 20
