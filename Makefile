@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast lint format server serve status bench clean
+.PHONY: install demo test test-fast lint format server serve status bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ status: install
 bench: install
 	$(BIN)/python tests/benchmarks/bench_recaption.py
 	$(BIN)/python tests/benchmarks/bench_train.py
+
+# One short run on a single H100/H200, offline: the real training loop (resume included), samples/s and MFU,
+# VAE and T5 encode throughput, sampling. `python tests/gpu/check.py --smoke` is the same code on CPU.
+gpu-check: install
+	$(BIN)/python tests/gpu/check.py
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache .ruff_cache *.egg-info

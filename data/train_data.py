@@ -191,11 +191,12 @@ class TrainTable:
 
 
 def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, longest, dim) float32 with zeros after each row's tokens, and the boolean mask."""
+    """(B, longest, dim) in the rows' dtype (bf16 text stays bf16 until the GPU) with zeros after each row's
+    tokens, and the boolean mask."""
     longest = max(r.shape[0] for r in rows)
-    out = torch.zeros(len(rows), longest, rows[0].shape[1])
+    out = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), longest, dtype=torch.bool)
     for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r.float()
+        out[i, : r.shape[0]] = r
         mask[i, : r.shape[0]] = True
     return out, mask

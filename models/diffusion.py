@@ -127,6 +127,13 @@ def guided_eps(
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+def sampling_noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
+    """Noise drawn where the generator lives, then moved to `device`: a CPU generator (evaluation seeds one
+    per prompt batch) gives the same samples on a GPU as on a CPU, and never meets a CUDA tensor."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where).to(device)
+
+
 @torch.no_grad()
 def ddim_sample(
     model_fn: ModelFn,
@@ -148,7 +155,7 @@ def ddim_sample(
     `clip_x0` optionally clamps that estimate (off by default: latents are not bounded).
     """
     device = text.device
-    x = torch.randn(shape, generator=generator, device=device)
+    x = sampling_noise(shape, generator, device)
     times = torch.linspace(t_max, 0.0, steps + 1, device=device, dtype=torch.float64)
     for t_now, t_next in zip(times[:-1], times[1:], strict=True):
         g_now, g_next = gamma(t_now), gamma(t_next)
@@ -161,7 +168,7 @@ def ddim_sample(
         sigma = eta * ((1 - g_next) / (1 - g_now) * (1 - g_now / g_next)).clamp_min(0).sqrt()
         x = g_next.sqrt() * x0 + (1 - g_next - sigma**2).clamp_min(0).sqrt() * eps
         if eta > 0 and t_next > 0:
-            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+            x = x + sigma * sampling_noise(shape, generator, device)
     return x
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from t2i.models.diffusion import ModelFn, guided_eps
+from t2i.models.diffusion import ModelFn, guided_eps, sampling_noise
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -104,7 +104,7 @@ def euler_sample(
     uniform grid with `shift_time` (SD3 uses 3.0 at 1024 px; 1.0 leaves it uniform).
     """
     device = text.device
-    x = torch.randn(shape, generator=generator, device=device)
+    x = sampling_noise(shape, generator, device)
     times = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
     for t_now, t_next in zip(times[:-1], times[1:], strict=True):
         t_batch = torch.full((shape[0],), float(t_now), device=device)

@@ -282,7 +282,7 @@ class TrainText:
         else:
             packed = self.encoder.encode(b["captions"]) if b["keep"] else (None, None)
             text, mask = scatter_kept(*packed, b["keep"], len(b["drop"]), self.dim)
-        text, mask = text.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        text, mask = text.to(self.device, non_blocking=True).float(), mask.to(self.device, non_blocking=True)
         return apply_text_dropout(text, mask, b["drop"].to(self.device), self.null_text, self.null_mask)
 
     def of_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +291,7 @@ class TrainText:
             text, mask = pad_rows(self.table.embeddings_of(rows))
         else:
             text, mask = self.encoder.encode(self.table.column("caption", rows))
-        return text.to(self.device), mask.to(self.device)
+        return text.to(self.device).float(), mask.to(self.device)
 
 
 # --- logging and health -----------------------------------------------------------------------------------
