@@ -75,7 +75,8 @@ class FolderSource:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"download.source: folder {self.root} does not exist")
-        self.listing, self.classes = listing, list(classes)
+        # one contiguous table: `take` on a chunked one re-concatenates it, once per shard
+        self.listing, self.classes = listing.combine_chunks(), list(classes)
 
     def read(self, indices: Sequence[int]) -> Iterator[SourceItem]:
         rows = self.listing.take(pa.array(indices, pa.int64())).select(["path", "label"])
