@@ -69,6 +69,25 @@ class SourceSummary:
         return {"kind": self.kind, "digest": self.digest, "count": self.count}
 
 
+def num_shards(num_items: int, shard_size: int) -> int:
+    return max(1, -(-num_items // shard_size))
+
+
+def item_order(count: int, seed: int, max_images: int | None, shuffle: bool) -> np.ndarray:
+    """Source indices in shard order (shard i holds positions [i·shard_size, (i+1)·shard_size)). A listed
+    source is a seeded permutation of its whole listing cut to max_images, so every shard mixes classes and
+    max_images is a sample, the same on every node; the shapes world's scenes are already random draws."""
+    if not shuffle:
+        return np.arange(count)
+    order = np.random.default_rng(seed).permutation(count)
+    return order[:max_images] if max_images else order
+
+
+def shard_items(order: np.ndarray, index: int, shard_size: int) -> np.ndarray:
+    """Shard `index`'s source indices in listing order, so a folder is read directory by directory."""
+    return np.sort(order[index * shard_size : (index + 1) * shard_size])
+
+
 def spec_dir(workspace: Path, source: str, split: str, revision: str | None) -> Path:
     """Where a spec's summary lives: one per folder path, one per dataset × split × revision. The path is
     made absolute but symlinks are not resolved: a node where the data is not mounted finds the same key."""

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -315,3 +316,16 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out
+
+
+CHECKPOINTS = "checkpoints"  # the train stage's folders: full states every checkpoint_every steps, EMA weights
+FINAL = "final"
+_STEP_DIR = re.compile(r"step-(\d{8})$")
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint appears only through an atomic rename)."""
+    folder = root / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file())

@@ -12,10 +12,11 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from t2i.data.listing import shard_items
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import run_sharded_stage
-from t2i.tasks.download import download_shard, shard_items
+from t2i.tasks.download import download_shard
 
 
 @flow(name="download", description="Fetch and decode images into Parquet shards.", log_prints=True)

@@ -11,18 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from t2i.data.caption_sets import source_identity
-from t2i.data.listing import SourceSummary, is_listed, open_listed, source_summary
+from t2i.data.listing import SourceSummary, is_listed, item_order, num_shards, open_listed, source_summary
 from t2i.data.sources import ShapesSource, Source
 from t2i.data.store import Artifact, fingerprint
 from t2i.flows.config import PipelineConfig
 from t2i.models.tiny import tiny_identities
-from t2i.tasks import cutmix as cutmix_task
-from t2i.tasks import download as download_task
-from t2i.tasks import evaluate as evaluate_task
-from t2i.tasks import latents as latents_task
-from t2i.tasks import recaption as recaption_task
-from t2i.tasks import text as text_task
-from t2i.tasks import train as train_task
+from t2i.tasks import versions
 
 STAGES = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
 
@@ -55,9 +49,9 @@ class Plan:
         config = self.cfg.download.fingerprint_fields()
         if self.source_summary is None:
             config["source_identity"] = self._shapes().identity()
-            return self._artifact("download", download_task.SHAPES_VERSION, config, {})
+            return self._artifact("download", versions.SHAPES_DOWNLOAD, config, {})
         config["source_identity"] = self.source_summary.identity()
-        return self._artifact("download", download_task.VERSION, config, {})
+        return self._artifact("download", versions.DOWNLOAD, config, {})
 
     @property
     def num_images(self) -> int:
@@ -68,13 +62,14 @@ class Plan:
 
     @property
     def num_shards(self) -> int:
-        return download_task.num_shards(self.num_images, self.cfg.download.shard_size)
+        return num_shards(self.num_images, self.cfg.download.shard_size)
 
     def item_order(self) -> np.ndarray:
         """Source indices in shard order (a seeded shuffle of a listed source): the download stage's input."""
         summary = self.source_summary
         count = self.num_images if summary is None else summary.count
-        return download_task.item_order(count, self.cfg.download, shuffle=summary is not None)
+        d = self.cfg.download
+        return item_order(count, d.seed, d.max_images, shuffle=summary is not None)
 
     def open_source(self) -> Source:
         """The raw source, for the download stage only (every other stage reads the workspace)."""
@@ -94,17 +89,17 @@ class Plan:
             return None
         cfg = self.cfg.cutmix.fingerprint_fields()
         cfg.pop("enabled")
-        return self._artifact("cutmix", cutmix_task.VERSION, cfg, {"images": self.images.fingerprint})
+        return self._artifact("cutmix", versions.CUTMIX, cfg, {"images": self.images.fingerprint})
 
     def captions_of(self, images: Artifact) -> Artifact:
         cfg = self.cfg.recaption.fingerprint_fields()
         if self.cfg.recaption.backend == "import":
             cfg["source_identity"] = source_identity(str(self.cfg.recaption.captions_source))
-        return self._artifact("recaption", recaption_task.VERSION, cfg, {"images": images.fingerprint})
+        return self._artifact("recaption", versions.RECAPTION, cfg, {"images": images.fingerprint})
 
     def latents_of(self, images: Artifact) -> Artifact:
         cfg = self.cfg.latents.fingerprint_fields()
-        return self._artifact("latents", latents_task.VERSION, cfg, {"images": images.fingerprint})
+        return self._artifact("latents", versions.LATENTS, cfg, {"images": images.fingerprint})
 
     def text_of(self, captions: Artifact) -> Artifact | None:
         """Precomputed text embeddings of a captions artifact (made by the latents stage), or None online."""
@@ -112,7 +107,7 @@ class Plan:
             return None
         cfg = self.cfg.text.fingerprint_fields()
         cfg.pop("mode")
-        return self._artifact("text", text_task.VERSION, cfg, {"captions": captions.fingerprint})
+        return self._artifact("text", versions.TEXT, cfg, {"captions": captions.fingerprint})
 
     @functools.cached_property
     def captions(self) -> Artifact:
@@ -136,12 +131,12 @@ class Plan:
         if self.composites is not None:
             inputs["composite_latents"] = self.latents_of(self.composites).fingerprint
             inputs["composite_captions"] = self.captions_of(self.composites).fingerprint
-        return self._artifact("train", train_task.VERSION, cfg, inputs)
+        return self._artifact("train", versions.TRAIN, cfg, inputs)
 
     @functools.cached_property
     def evaluation(self) -> Artifact:
         cfg = self.cfg.evaluate.fingerprint_fields()
-        return self._artifact("evaluate", evaluate_task.VERSION, cfg, {"train": self.checkpoints.fingerprint})
+        return self._artifact("evaluate", versions.EVALUATE, cfg, {"train": self.checkpoints.fingerprint})
 
     def artifacts(self) -> list[tuple[str, str, Artifact]]:
         """(label, stage command, artifact) for every output this config implies, in pipeline order."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from t2i.data.store import checkpoint_dirs
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
-from t2i.tasks.checkpoints import checkpoint_dirs
 
 
 @dataclass(frozen=True)

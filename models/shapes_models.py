@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from t2i.data import shapes
-from t2i.models.tiny import LLAVA_CHAT_TEMPLATE
+from t2i.models.tiny import LLAVA_CHAT_TEMPLATE, WEIGHTS_DIR
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CAPTIONER_PROMPT = "describe the image"
 _SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _PROMPT_WORDS = ["USER", "ASSISTANT", "SYSTEM", ":", "describe", "the", "image"]

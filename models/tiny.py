@@ -14,10 +14,9 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 TINY_PREFIX = "tiny:"
 TINY_VERSION = 3  # bump when a builder changes, so cached builds are not reused
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the committed trained models
 
 # Words the tiny tokenizers must know: the shapes world's captions and the prompts sent with images.
 _CORPUS = [
@@ -55,8 +54,6 @@ def tiny_identity(ref: str) -> str:
     name = ref[len(TINY_PREFIX) :]
     if name not in TRAINED:
         return f"built-v{TINY_VERSION}"
-    from t2i.models.shapes_models import WEIGHTS_DIR
-
     folder = WEIGHTS_DIR / TRAINED[name]
     if not folder.is_dir():
         return "weights-missing"  # resolve_model names the command that makes them
@@ -89,8 +86,6 @@ def resolve_model(ref: str, workspace: str | Path) -> str:
         return ref
     name = ref[len(TINY_PREFIX) :]
     if name in TRAINED:
-        from t2i.models.shapes_models import WEIGHTS_DIR
-
         path = WEIGHTS_DIR / TRAINED[name]
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -147,6 +142,7 @@ def build_tiny_llava(
     vLLM's CPU attention needs a head size of 32/64/80/...: the default, hidden 64 with 2 heads, gives 32.
     Larger widths and depths give the random models that benchmarks need.
     """
+    import torch
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -245,6 +241,7 @@ def rename_vision_tower_keys(path: Path) -> None:
 
 def build_tiny_vae(out: Path, seed: int = 0) -> None:
     """An AutoencoderKL with the SD layout (4 latent channels) and 4× downsampling, small enough for a CPU."""
+    import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -274,6 +271,7 @@ def build_tiny_t5(out: Path, seed: int = 0, context: float = 0.6) -> None:
     the bias with the second layer, so the context reaches 8 tokens either way), and the value and output
     projections are scaled so the context adds `context` times the size of the token embedding.
     """
+    import torch
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
     from transformers.models.t5.modeling_t5 import T5Attention

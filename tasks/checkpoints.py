@@ -9,7 +9,6 @@ gradient scaler, step, torch RNG states) as plain tensors and numbers, so it loa
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 from pathlib import Path
@@ -17,21 +16,10 @@ from typing import Any
 
 import torch
 
-from t2i.data.store import atomic_path
+from t2i.data.store import CHECKPOINTS, FINAL, atomic_path, checkpoint_dirs
 from t2i.models.dit import DiT, DiTConfig, build_dit
 
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-_STEP_DIR = re.compile(r"step-(\d{8})$")
-
-
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint appears only through an atomic rename)."""
-    folder = root / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file())
-
+__all__ = ["CHECKPOINTS", "FINAL", "checkpoint_dirs"]  # the train stage's layout, from the store
 
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     final = root / CHECKPOINTS / f"step-{step:08d}"

@@ -24,8 +24,6 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 if TYPE_CHECKING:
     from t2i.flows.config import CutmixConfig
 
-VERSION = 1
-
 
 def partner_pool(index: int, num_shards: int, count: int, seed: int) -> list[int]:
     """Shard `index` plus `count` other shards, drawn without replacement and seeded by (seed, index)."""

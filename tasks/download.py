@@ -17,32 +17,6 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 if TYPE_CHECKING:  # configs are defined with the flows; tasks only receive them
     from t2i.flows.config import DownloadConfig
 
-# 2: folder and hf shards hold a seeded shuffle of the listing, and max_images samples it (1: the sorted
-# listing, cut to the first max_images). The shapes world is generated in order as before, so its artifacts
-# keep fingerprinting with SHAPES_VERSION and stay valid.
-VERSION = 2
-SHAPES_VERSION = 1
-
-
-def num_shards(num_items: int, shard_size: int) -> int:
-    return max(1, -(-num_items // shard_size))
-
-
-def item_order(count: int, cfg: DownloadConfig, shuffle: bool) -> np.ndarray:
-    """Source indices in shard order (shard i holds positions [i·shard_size, (i+1)·shard_size)). A listed
-    source is a seeded permutation of its whole listing cut to max_images, so every shard mixes classes and
-    max_images is a sample, the same on every node; the shapes world's scenes are already random draws."""
-    if not shuffle:
-        return np.arange(count)
-    order = np.random.default_rng(cfg.seed).permutation(count)
-    return order[: cfg.max_images] if cfg.max_images else order
-
-
-def shard_items(order: np.ndarray, index: int, shard_size: int) -> np.ndarray:
-    """Shard `index`'s source indices in listing order, so a folder is read directory by directory."""
-    return np.sort(order[index * shard_size : (index + 1) * shard_size])
-
-
 @task(name="download-shard", **SHARD_TASK_OPTIONS)
 def download_shard(
     cfg: DownloadConfig, artifact: Artifact, index: int, source: Source, items: np.ndarray

@@ -31,8 +31,6 @@ from t2i.tasks.train_batches import step_generator
 
 if TYPE_CHECKING:
     from t2i.flows.config import EvaluateConfig, LatentsConfig
-
-VERSION = 1
 CLASS_PROMPT = "An image of {class_name}"  # the recaption stage's default template
 
 

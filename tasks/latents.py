@@ -21,8 +21,6 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
     from t2i.flows.config import LatentsConfig
-
-VERSION = 1
 DECODE_THREADS = 4  # Pillow decodes without the GIL: these keep the next batches ready for the GPU
 
 

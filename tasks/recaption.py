@@ -33,8 +33,6 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 if TYPE_CHECKING:
     from t2i.flows.config import RecaptionConfig
 
-VERSION = 2
-
 
 def caption_columns(cfg: RecaptionConfig) -> dict[str, str]:
     """Column name → prompt: `caption` for the main prompt, `caption_<name>` for each extra prompt."""

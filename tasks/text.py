@@ -27,8 +27,6 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
     from t2i.flows.config import TextConfig
-
-VERSION = 1
 DIM_META_KEY = b"t2i.text_dim"
 
 

@@ -51,8 +51,6 @@ from t2i.tasks.train_batches import (
 if TYPE_CHECKING:
     from t2i.flows.config import TextConfig, TrainConfig
 
-VERSION = 1
-
 
 class NonFiniteLoss(RuntimeError):
     pass

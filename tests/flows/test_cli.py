@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pyarrow.parquet as pq
@@ -90,6 +91,20 @@ def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
     assert all(" complete " in ln for ln in lines)
     fresh = run_cli(["status", "--preset", "tiny", "--workspace", str(tmp_path / "empty"), *SMALL], cli_env)
     assert "not started (0 of 4 shards)" in fresh.stdout and "not started (0 of 20 steps)" in fresh.stdout
+
+
+def test_status_imports_neither_torch_nor_prefect(pipeline_ws, cli_env):
+    """`t2i status` is asked often, on every node: it reads manifests and summaries, so importing torch or
+    Prefect (seconds each) would be its whole cost."""
+    ws, _ = pipeline_ws
+    code = (
+        "import sys; from t2i.flows.cli import main; "
+        f"main(['status', '--preset', 'tiny', '--workspace', {str(ws)!r}, *{SMALL!r}]); "
+        "print(sorted(m for m in ('torch', 'prefect', 'vllm', 'transformers', 'diffusers') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, check=True)
+    assert " complete " in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_stage_without_its_input_names_the_command_to_run(cli_env, tmp_path):

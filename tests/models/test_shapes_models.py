@@ -55,8 +55,8 @@ def test_cli_retrains_into_a_folder_with_its_record(tmp_path, capsys):
 
 
 def test_missing_weights_name_the_command_that_makes_them(monkeypatch, tmp_path):
-    import t2i.models.shapes_models as shapes_models
+    import t2i.models.tiny as tiny
 
-    monkeypatch.setattr(shapes_models, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(tiny, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="t2i train-shapes-models vae"):
         resolve_model("tiny:shapes-vae", tmp_path)
