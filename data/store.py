@@ -318,7 +318,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-CHECKPOINTS = "checkpoints"  # the train stage's folders: full states every checkpoint_every steps, EMA weights
+# The train stage's folders: full states every checkpoint_every steps, and the finished run's EMA weights.
+CHECKPOINTS = "checkpoints"
 FINAL = "final"
 _STEP_DIR = re.compile(r"step-(\d{8})$")
 

@@ -21,6 +21,7 @@ from t2i.models.dit import DiT, DiTConfig, build_dit
 
 __all__ = ["CHECKPOINTS", "FINAL", "checkpoint_dirs"]  # the train stage's layout, from the store
 
+
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     final = root / CHECKPOINTS / f"step-{step:08d}"
     with atomic_path(final) as tmp:

@@ -17,6 +17,7 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 if TYPE_CHECKING:  # configs are defined with the flows; tasks only receive them
     from t2i.flows.config import DownloadConfig
 
+
 @task(name="download-shard", **SHARD_TASK_OPTIONS)
 def download_shard(
     cfg: DownloadConfig, artifact: Artifact, index: int, source: Source, items: np.ndarray

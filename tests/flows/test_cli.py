@@ -102,7 +102,9 @@ def test_status_imports_neither_torch_nor_prefect(pipeline_ws, cli_env):
         f"main(['status', '--preset', 'tiny', '--workspace', {str(ws)!r}, *{SMALL!r}]); "
         "print(sorted(m for m in ('torch', 'prefect', 'vllm', 'transformers', 'diffusers') if m in sys.modules))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, check=True
+    )
     assert " complete " in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
