@@ -7,13 +7,16 @@ VENV ?= .venv
 EXTRAS ?= cpu,dev
 PIP_ARGS ?=
 PRESET ?= tiny
+HOST ?= 127.0.0.1
+PORT ?= 4200
+POOL ?= t2i
 comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast lint format server serve status bench gpu-check clean
+.PHONY: install browser demo test test-fast lint format server serve deploy worker docker-env status bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +29,15 @@ install: $(STAMP)
 demo: install
 	$(BIN)/t2i run --preset $(PRESET)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium from Debian's packages for the UI test (tests/service/test_ui.py); Playwright drives it, so
+# nothing is downloaded. Needs root (CI); elsewhere install `chromium` yourself or the UI test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+		|| echo "make browser: could not install chromium; the UI test will be skipped"
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -40,13 +50,26 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# A local Prefect server with its UI on http://127.0.0.1:4200 (offline; no analytics).
+# A local Prefect server with its UI on http://$(HOST):$(PORT) (offline; no analytics). PORT=4300 make server
+# serves a UI that calls port 4300.
 server: install
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	$(BIN)/t2i server --host $(HOST) --port $(PORT)
 
-# Publish every flow as a deployment to the server above and serve them (run in a second terminal).
+# Publish every flow as a deployment to the server above and serve them from one process (the laptop way).
 serve: install
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/t2i serve --preset $(PRESET)
+	PREFECT_API_URL=http://$(HOST):$(PORT)/api $(BIN)/t2i serve --preset $(PRESET)
+
+# The team way: every flow deployed to a work pool, and this machine's workers (one per GPU).
+deploy: install
+	PREFECT_API_URL=http://$(HOST):$(PORT)/api $(BIN)/t2i deploy --preset $(PRESET) --pool $(POOL)
+
+worker: install
+	PREFECT_API_URL=http://$(HOST):$(PORT)/api $(BIN)/t2i worker --pool $(POOL)
+
+# docker/.env for docker/compose.yaml with generated secrets (kept if it exists; never committed).
+docker-env:
+	@test -f docker/.env || (umask 077 && printf 'POSTGRES_PASSWORD=%s\nPREFECT_API_AUTH_STRING=t2i:%s\n' \
+		"$$(openssl rand -hex 16)" "$$(openssl rand -hex 16)" > docker/.env && echo "wrote docker/.env")
 
 status: install
 	$(BIN)/t2i status --preset $(PRESET)

@@ -4,7 +4,10 @@ t2i run --preset tiny [--workspace DIR] [--set section.field=value ...]
 t2i download|recaption|latents|train|evaluate --preset P [...]
 t2i download --relist ...       (list a folder/dataset source again after its content changed)
 t2i status --preset P [--workspace DIR]
+t2i server [--host H] [--port P]   (a Prefect server and its UI; `make server`)
 t2i serve --preset P            (needs a Prefect server: `make server`)
+t2i deploy --preset P --pool NAME [--limit K]   (every flow as a deployment on a work pool)
+t2i worker --pool NAME [--gpus 0,1,...] [--gpus-per-part G] [--limit K]   (this machine's workers)
 t2i ablate --preset tiny [--seeds 0 1 2]   (class vs vlm vs vlm+cutmix captions, shapes scorer)
 t2i train-shapes-models captioner vae [--out DIR]   (retrain the tiny preset's trained models)
 """
@@ -66,13 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="list the source again (its content changed): new listing → new fingerprints",
             )
-        if stage == "recaption":
-            p.add_argument(
-                "--part", default=None, metavar="K/N", help="caption only the k-th of n shard sets"
-            )
+        if stage in ("recaption", "latents"):
+            p.add_argument("--part", default=None, metavar="K/N", help="run only the k-th of n shard sets")
             p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
             p.add_argument(
-                "--workers", type=int, default=None, help="engine processes (default: one per GPU)"
+                "--workers", type=int, default=None, help="worker processes (default: one per GPU)"
             )
     p = sub.add_parser("export-captions", help="export captions as a datasets dataset (file, folder or Hub)")
     common(p)
@@ -87,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="publish the flows as deployments to a Prefect server and serve them")
     common(p)
     p.add_argument("--name", default=None, help="deployment name (default: the preset name)")
+    p = sub.add_parser("server", help="start a Prefect server whose UI talks to its own port")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine)")
+    p.add_argument("--port", type=int, default=4200)
+    p = sub.add_parser("deploy", help="register every flow on a Prefect work pool (created if missing)")
+    common(p)
+    p.add_argument("--pool", required=True, help="work pool name")
+    p.add_argument("--name", default=None, help="deployment name (default: the preset name)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="whole runs at once in the pool (default: no limit)"
+    )
+    p.add_argument(
+        "--crash-after",
+        type=int,
+        default=150,
+        help="seconds without a heartbeat after which a run is marked Crashed (workers beat every 30 s)",
+    )
+    p = sub.add_parser("worker", help="start this machine's Prefect workers for a pool (one per GPU group)")
+    p.add_argument("--pool", required=True, help="work pool name (made by t2i deploy)")
+    p.add_argument("--gpus", default=None, metavar="0,1,...", help="GPUs to use (default: all visible)")
+    p.add_argument("--gpus-per-part", type=int, default=1, help="GPUs each part runs on (default 1)")
+    p.add_argument("--name", default=None, help="prefix of the workers' names (default: the host name)")
+    p.add_argument("--limit", type=int, default=1, help="whole runs this machine takes at once (default 1)")
     p = sub.add_parser(
         "ablate",
         help="train and evaluate class / vlm / vlm+cutmix captions over several seeds (shapes world)",
@@ -116,6 +139,16 @@ def _train_shapes_models(which: list[str], out: str | None, steps: int | None) -
     for name in which:
         retrain(name, Path(out) if out else WEIGHTS_DIR, steps=steps)
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from t2i.flows.service import run_workers
+
+    try:
+        return run_workers(args.pool, args.gpus, args.gpus_per_part, args.limit, args.name)
+    except (RuntimeError, ValueError) as err:
+        print(f"t2i: {err}", file=sys.stderr)
+        return 2
 
 
 def _check_inputs(cfg: PipelineConfig, stage: str) -> None:
@@ -161,9 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     if args.command == "train-shapes-models":
         return _train_shapes_models(args.which, args.out, args.steps)
+    if args.command == "worker":
+        return _worker(args)
+    if args.command == "server":
+        from t2i.flows.service import run_server
+
+        run_server(args.host, args.port)
     for flag in ("part", "gpus", "workers"):
         if getattr(args, flag, None) is not None:
-            args.overrides.append(f"recaption.{flag}={getattr(args, flag)}")
+            args.overrides.append(f"{args.command}.{flag}={getattr(args, flag)}")
     try:
         cfg = load_config(args.preset, args.overrides, args.workspace)
     except ConfigError as err:
@@ -193,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_flows(cfg, name=args.name)
             return 0
+        if args.command == "deploy":
+            from t2i.flows.service import deploy_flows
+
+            names = deploy_flows(cfg, args.pool, args.name or cfg.preset, args.limit, args.crash_after)
+            print(f"deployed to work pool {args.pool!r}: {', '.join(names)}")
+            print(f"start workers with: t2i worker --pool {args.pool}")
+            return 0
         started = time.time()
         if args.command == "ablate":
             from t2i.flows.ablation import ablation_flow
@@ -218,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"t2i: {err}", file=sys.stderr)
         return 2
-    except (MissingInput, FileNotFoundError, RuntimeError) as err:
+    except (MissingInput, FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"t2i: {err}", file=sys.stderr)
         return 1
 

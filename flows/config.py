@@ -43,6 +43,31 @@ class StageConfig(BaseModel):
         return fields
 
 
+def parse_part(part: str) -> tuple[int, int]:
+    """'k/n' → (k, n), with 1 <= k <= n."""
+    k, n = (int(x) for x in part.split("/"))
+    if not 1 <= k <= n:
+        raise ValueError(f"part must be k/n with 1 <= k <= n, got {part!r}")
+    return k, n
+
+
+class ClusterConfig(StageConfig):
+    """How a run started from a deployment spreads over the pool's workers (`t2i deploy`, `t2i worker`)."""
+
+    parts: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Child runs each sharded GPU stage (recaption, latents) starts when run from a deployment, "
+        "one per part k/n of the shards, each picked up by a free worker; 1: the run does every shard itself.",
+    )
+    deployment: str | None = Field(
+        None,
+        description="Deployment name the parts are started from (set by `t2i deploy`); empty: no fan-out, "
+        "every stage runs in-process.",
+    )
+
+
 class DownloadConfig(StageConfig):
     source: str = Field(
         "folder:/data/imagenet/train",
@@ -184,8 +209,13 @@ class RecaptionConfig(StageConfig):
 
     @property
     def part_index(self) -> tuple[int, int]:
-        k, n = (int(x) for x in self.part.split("/"))
-        return k, n
+        return parse_part(self.part)
+
+    @field_validator("part")
+    @classmethod
+    def _part_in_range(cls, v: str) -> str:
+        parse_part(v)
+        return v
 
     @field_validator("template")
     @classmethod
@@ -204,9 +234,6 @@ class RecaptionConfig(StageConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> RecaptionConfig:
-        k, n = self.part_index
-        if not 1 <= k <= n:
-            raise ValueError(f"part must be k/n with 1 <= k <= n, got {self.part!r}")
         if self.backend == "import" and not self.captions_source:
             raise ValueError("the import backend needs captions_source (a caption file or hf:<dataset>)")
         return self
@@ -260,7 +287,23 @@ class LatentsConfig(StageConfig):
         None, ge=1, description="Worker processes (default: one per GPU; 1 on CPU, in the flow's process)."
     )
 
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "gpus", "workers"})
+    part: str = Field(
+        "1/1",
+        pattern=r"^\d+/\d+$",
+        description="k/n: this run encodes the k-th of n interleaved shard sets (several machines or workers).",
+    )
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "gpus", "workers", "part"})
+
+    @property
+    def part_index(self) -> tuple[int, int]:
+        return parse_part(self.part)
+
+    @field_validator("part")
+    @classmethod
+    def _part_in_range(cls, v: str) -> str:
+        parse_part(v)
+        return v
 
     @field_validator("resolution")
     @classmethod
@@ -462,6 +505,7 @@ class PipelineConfig(BaseModel):
     text: TextConfig = Field(default_factory=TextConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @property
     def workspace_path(self) -> Path:

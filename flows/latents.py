@@ -1,5 +1,6 @@
 """The latents flow: `images` shards → VAE posterior moments (float16), plus latent statistics and VAE
-reconstruction quality; with `text.mode: precomputed`, also every caption's T5 embedding."""
+reconstruction quality; with `text.mode: precomputed`, also every caption's T5 embedding. Like recaption, a
+run can do one part k/n of the shards, or fan out as child runs over a pool's workers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 from prefect import flow
 
 from t2i.data.store import Artifact
-from t2i.flows.config import PipelineConfig
+from t2i.flows.config import PipelineConfig, with_overrides
+from t2i.flows.parts import fans_out, part_shards, run_parts
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import StageRun, run_on_devices, run_sharded_stage, skipped_summary
 from t2i.tasks.device_workers import device_groups
@@ -24,6 +26,11 @@ from t2i.tasks.text import null_embedding, text_shard
 )
 def latents_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
+    if fans_out(cfg, cfg.latents.part):  # the parts encode every shard; this run then writes the manifests
+        for name, images in plan.image_sets():  # missing inputs fail here, not in every part
+            if plan.text_of(plan.captions_of(plan.require(name, images))) is not None:
+                plan.require("recaption", plan.captions_of(images))
+        run_parts("latents", cfg, lambda k, n: with_overrides(cfg, [f"latents.part={k}/{n}"]))
     summaries = {}
     for name, images in plan.image_sets():
         images = plan.require(name, images)
@@ -66,15 +73,17 @@ def encode_image_set(
     groups = (
         device_groups(1, cfg.latents.gpus, cfg.latents.workers) if cfg.latents.device == "auto" else [None]
     )
+    shards = part_shards(plan.num_shards, cfg.latents.part_index)
     if len(groups) == 1:
         runner = latents_shard.with_options(task_run_name=f"{label}-{{index}}")
         return run_sharded_stage(
             label, artifact, plan.num_shards,
             lambda i: runner(cfg=cfg.latents, artifact=artifact, index=i, images=images), extra=extra,
+            shards=shards,
         )  # fmt: skip
     if artifact.is_complete():
         return skipped_summary(label, artifact)
-    run = StageRun(label, artifact, plan.num_shards)
+    run = StageRun(label, artifact, plan.num_shards, shards)
     if run.todo:
         run_on_devices("latents", run, cfg.latents, images, groups)
     return run.finish(extra)
@@ -90,4 +99,5 @@ def precompute_text(cfg: PipelineConfig, plan: Plan, text: Artifact, captions: A
         plan.num_shards,
         lambda i: runner(cfg=cfg.text, artifact=text, index=i, captions=captions),
         extra=lambda: {"encoder": cfg.text.encoder, **null_embedding(cfg.text, text.workspace)},
+        shards=part_shards(plan.num_shards, cfg.latents.part_index),
     )

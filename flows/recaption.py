@@ -1,6 +1,6 @@
 """The recaption flow: `images` shards → `captions` shards aligned 1:1 (vLLM, transformers, template or
 imported captions), on one engine in-process or one engine per GPU group in worker processes, optionally
-for one part k/n of the shards (several machines or Prefect workers)."""
+for one part k/n of the shards (several machines), or fanned out as child runs over a pool's workers."""
 
 from __future__ import annotations
 
@@ -10,16 +10,11 @@ from typing import Any
 from prefect import flow
 
 from t2i.data.store import Artifact
-from t2i.flows.config import PipelineConfig
+from t2i.flows.config import PipelineConfig, with_overrides
+from t2i.flows.parts import fans_out, part_shards, run_parts
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import StageRun, run_on_devices, skipped_summary
-from t2i.tasks.recaption import (
-    caption_summary,
-    engine_groups,
-    part_shards,
-    recaption_shard,
-    summary_markdown,
-)
+from t2i.tasks.recaption import caption_summary, engine_groups, recaption_shard, summary_markdown
 from t2i.tasks.shards import publish_markdown, run_logger
 
 
@@ -30,6 +25,10 @@ from t2i.tasks.shards import publish_markdown, run_logger
 )
 def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
+    if fans_out(cfg, cfg.recaption.part):  # the parts caption every shard; this run then writes the summary
+        for name, images in plan.image_sets():  # missing inputs fail here, not in every part
+            plan.require(name, images)
+        run_parts("recaption", cfg, lambda k, n: with_overrides(cfg, [f"recaption.part={k}/{n}"]))
     summaries = {name: caption_image_set(cfg, plan, name, images) for name, images in plan.image_sets()}
     return {**summaries["download"], "composites": summaries.get("cutmix")}
 

@@ -89,14 +89,15 @@ def run_sharded_stage(
     *,
     concurrent: bool = False,
     extra: Callable[[], dict[str, Any]] | None = None,
+    shards: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Run `run_shard(i)` for every shard not yet on disk, in order, then finalize.
+    """Run `run_shard(i)` for every shard (of `shards`, default all) not yet on disk, in order, then finalize.
 
     With `concurrent`, `run_shard` returns Prefect futures (task.submit) and shards run on the task runner.
     """
     if artifact.is_complete():
         return skipped_summary(stage, artifact)
-    run = StageRun(stage, artifact, num_shards)
+    run = StageRun(stage, artifact, num_shards, shards)
     if concurrent:
         t0 = time.time()
         for fut in [run_shard(i) for i in run.todo]:

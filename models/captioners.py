@@ -79,12 +79,24 @@ def configure_vllm_for_cpu(cache_root: str | None = None) -> None:
 _ENGINE_SLOT: dict[str, object] = {}
 
 
+def keep_logging_to_the_process() -> None:
+    """vLLM's own logging set-up calls `logging.config.dictConfig`, which flushes and closes every handler of
+    the process while holding the logging lock. Prefect's API log handler flushes through a thread that needs
+    that lock, so a flow run whose logs go to a server deadlocks in `LLM(...)` (seen in runs started by a
+    worker). vLLM's loggers then propagate to the process's handlers, at VLLM_LOGGING_LEVEL."""
+    import logging
+
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper())
+
+
 def shared_engine(**engine_args):
     """One vLLM engine per process: engines share process-wide distributed state, so a second live engine
     is fragile. Asking for different engine settings first releases the current engine."""
     import gc
     import json
 
+    keep_logging_to_the_process()
     from vllm import LLM
 
     key = json.dumps(engine_args, sort_keys=True, default=str)

@@ -195,12 +195,6 @@ recaption_shard = task(caption_shard, name="recaption-shard", **SHARD_TASK_OPTIO
 # --- shards of this part, engines, workers ----------------------------------------------------------------
 
 
-def part_shards(num_shards: int, part: tuple[int, int]) -> list[int]:
-    """Shards of part k of n: interleaved (k-1, k-1+n, ...), so parts get similar work and never overlap."""
-    k, n = part
-    return list(range(k - 1, num_shards, n))
-
-
 def engine_groups(cfg: RecaptionConfig) -> list[list[str] | None]:
     """GPU ids of each engine (tensor_parallel_size each); on CPU, `workers` engines without GPUs."""
     if cfg.backend in ("template", "import"):

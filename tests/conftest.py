@@ -122,3 +122,29 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, check: b
             f"t2i {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+SMALL_PIPELINE = [
+    "download.max_images=192", "download.shard_size=48", "train.steps=20", "train.checkpoint_every=10",
+    "evaluate.num_prompts=8", "evaluate.steps=8",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_pipeline_run(tmp_path_factory, tiny_models, prefect_server):
+    """The tiny pipeline at small settings, run once by `t2i run` in one process: the reference that resumed,
+    parted and served runs are compared with. Tests must not change it. Yields (workspace, process)."""
+    ws = tmp_path_factory.mktemp("pipeline") / "ws"
+    shutil.copytree(tiny_models, ws / "models")
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server["url"],
+        "PREFECT_HOME": str(prefect_server["home"]),
+    }
+    args = [a for o in SMALL_PIPELINE for a in ("--set", o)]
+    return ws, run_cli(["run", "--preset", "tiny", "--workspace", str(ws), *args], env)
+
+
+@pytest.fixture(scope="session")
+def small_pipeline(small_pipeline_run) -> Path:
+    return small_pipeline_run[0]

@@ -12,33 +12,18 @@ import pytest
 
 from t2i.flows.config import load_config
 from t2i.flows.plan import Plan
-from tests.conftest import T2I, run_cli
+from tests.conftest import SMALL_PIPELINE, T2I, run_cli
 
-SMALL = [
-    "--set", "download.max_images=192",
-    "--set", "download.shard_size=48",
-    "--set", "train.steps=20",
-    "--set", "train.checkpoint_every=10",
-    "--set", "evaluate.num_prompts=8",
-    "--set", "evaluate.steps=8",
-]  # fmt: skip
+SMALL = [a for o in SMALL_PIPELINE for a in ("--set", o)]
 
 
 def overrides(args: list[str]) -> list[str]:
     return [a for a in args if a != "--set"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_ws(tmp_path_factory, tiny_models, prefect_server):
-    ws = tmp_path_factory.mktemp("pipeline") / "ws"
-    shutil.copytree(tiny_models, ws / "models")
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_server["url"],
-        "PREFECT_HOME": str(prefect_server["home"]),
-    }
-    proc = run_cli(["run", "--preset", "tiny", "--workspace", str(ws), *SMALL], env)
-    return ws, proc
+@pytest.fixture
+def pipeline_ws(small_pipeline_run):
+    return small_pipeline_run
 
 
 def test_run_executes_every_stage_and_prints_where_outputs_are(pipeline_ws):

@@ -12,6 +12,7 @@ from t2i.data.schemas import IMAGES
 from t2i.data.store import Artifact
 from t2i.flows.config import load_config
 from t2i.flows.download import download_flow
+from t2i.flows.parts import part_shards
 from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.models.captioners import Caption, TransformersCaptioner, postprocess_caption
@@ -20,7 +21,6 @@ from t2i.tasks.recaption import (
     caption_isolating_failures,
     caption_shard,
     load_captioner,
-    part_shards,
     summary_markdown,
 )
 

@@ -1,0 +1,211 @@
+"""The pipeline as a Prefect service for a team: `t2i deploy` registers every flow on a work pool, `t2i worker`
+starts the Prefect workers of one machine.
+
+Pool layout (made by `t2i deploy`, type `process` unless the pool exists):
+- queue `default`: whole runs (the pipeline, a stage, an ablation) as started from the UI or the CLI. Its
+  concurrency limit (`--limit`) caps how many run at once in the whole pool.
+- queue `parts`: the child runs a fanned-out stage starts (`cluster.parts`, see `t2i.flows.parts`).
+
+`t2i worker` starts, on one machine, one worker on `default` (it sees every GPU of the machine: training
+uses them all) and one worker per GPU group on `parts`, with `CUDA_VISIBLE_DEVICES` set and one run at a
+time. A parent waiting for its parts holds a `default` slot, never a GPU.
+
+Runs started by a worker send a heartbeat every `HEARTBEAT_SECONDS`; the automation `t2i deploy` sets up marks
+a run Crashed when its heartbeats stop for `--crash-after` seconds (default 150: five missed heartbeats; an OOM kill, a dead node), so the UI offers
+Retry. Workers report a run whose process they saw die at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from t2i.flows.config import PipelineConfig
+from t2i.flows.parts import PARTS_QUEUE
+
+DEFAULT_QUEUE = "default"
+HEARTBEAT_SECONDS = 30  # Prefect's minimum; its default (180 s) would take 9 minutes to notice a dead run
+CRASH_AFTER = 150  # no heartbeat (nor any other event) of a Running run for this long: mark it Crashed
+ZOMBIE_AUTOMATION = "t2i: crash runs whose heartbeats stopped"
+
+
+def flow_deployments(cfg: PipelineConfig, name: str, **options):
+    """Every flow of the project as a deployment named `name`, the whole config as its parameter form.
+    Module entrypoints (`t2i.flows.pipeline.pipeline_flow`) load the installed package wherever a worker's
+    working directory is; a file entrypoint would import the flow's file a second time."""
+    from prefect.types.entrypoint import EntrypointType
+
+    from t2i.flows.ablation import ablation_flow
+    from t2i.flows.pipeline import STAGE_FLOWS, pipeline_flow
+
+    params = {"cfg": cfg.model_dump(mode="json")}
+    return [
+        f.to_deployment(
+            name=name,
+            parameters=params,
+            tags=["t2i", name],
+            enforce_parameter_schema=True,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            **options,
+        )
+        for f in (pipeline_flow, *STAGE_FLOWS.values(), ablation_flow)
+    ]
+
+
+def deploy_flows(
+    cfg: PipelineConfig, pool: str, name: str, limit: int | None = None, crash_after: int = CRASH_AFTER
+) -> list[str]:
+    """Create the pool and its queues if missing, register every flow on it, set up crash detection.
+    Returns the deployments' names (`flow/name`)."""
+    if crash_after < 2 * HEARTBEAT_SECONDS:
+        raise ValueError(f"--crash-after must be at least {2 * HEARTBEAT_SECONDS} s (two heartbeats)")
+    require_server("t2i deploy")
+    asyncio.run(_prepare_pool(pool, limit))
+    cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"deployment": name})})
+    names = []
+    for deployment in flow_deployments(cfg, name, work_queue_name=DEFAULT_QUEUE):
+        deployment.apply(work_pool_name=pool)
+        names.append(f"{deployment.flow_name}/{name}")
+    asyncio.run(_ensure_zombie_automation(crash_after))
+    return names
+
+
+async def _prepare_pool(pool: str, limit: int | None) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(pool)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            await client.create_work_pool(
+                WorkPoolCreate(name=pool, type="process", base_job_template=template)
+            )
+        for queue in (DEFAULT_QUEUE, PARTS_QUEUE):
+            with contextlib.suppress(ObjectAlreadyExists):
+                await client.create_work_queue(name=queue, work_pool_name=pool)
+        default = await client.read_work_queue_by_name(DEFAULT_QUEUE, work_pool_name=pool)
+        await client.update_work_queue(default.id, concurrency_limit=limit)
+
+
+async def _ensure_zombie_automation(crash_after: int) -> None:
+    """Prefect's documented zombie-run detection, limited to this project's runs (tag `t2i`, which every
+    deployment and part carries; other teams' flows on the server keep their own heartbeat settings): after a
+    run's heartbeat, expect another event of that run (a heartbeat or a state change) within `crash_after`
+    seconds, else set it Crashed. Redeploying replaces it, so a new `--crash-after` takes effect."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    with contextlib.suppress(ValueError):  # ValueError: none yet
+        await (await Automation.aread(name=ZOMBIE_AUTOMATION)).adelete()
+    await Automation(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.t2i"}
+            ),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=crash_after),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="No heartbeat: the run's process died")],
+    ).acreate()
+
+
+def require_server(command: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise RuntimeError(
+            f"{command} needs a Prefect server: start one with `make server` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+
+
+def gpu_groups(gpus: str | None, per_part: int) -> list[str]:
+    """'0,1,2,3' with 2 GPUs a part → ['0,1', '2,3']; no --gpus: every visible GPU; none (a CPU machine):
+    one group that sets no CUDA_VISIBLE_DEVICES."""
+    if gpus is None:
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids:
+        return [""]
+    if len(ids) % per_part:
+        raise ValueError(f"--gpus-per-part {per_part} does not divide the {len(ids)} GPUs {','.join(ids)}")
+    return [",".join(ids[i : i + per_part]) for i in range(0, len(ids), per_part)]
+
+
+def worker_commands(
+    pool: str, groups: list[str], limit: int, host: str
+) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, argv, extra env) of each Prefect worker this machine runs, named after `host`."""
+    prefect = str(Path(sys.executable).with_name("prefect"))
+
+    def argv(name: str, queue: str, k: int) -> list[str]:
+        return [prefect, "worker", "start", "--pool", pool, "--type", "process", "--work-queue", queue,
+                "--limit", str(k), "--name", name]  # fmt: skip
+
+    commands = [(f"{host}-runs", argv(f"{host}-runs", DEFAULT_QUEUE, limit), {})]
+    for group in groups:
+        name = f"{host}-gpu{group.replace(',', '+')}" if group else f"{host}-cpu"
+        env = {"CUDA_VISIBLE_DEVICES": group} if group else {}
+        commands.append((name, argv(name, PARTS_QUEUE, 1), env))
+    return commands
+
+
+def run_workers(pool: str, gpus: str | None, per_part: int, limit: int, name: str | None = None) -> int:
+    """Start this machine's workers and wait; Ctrl-C or SIGTERM stops them all. Returns the first non-zero
+    exit status, or 0."""
+    require_server("t2i worker")
+    env = {**os.environ}
+    env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
+    procs = []
+    host = name or socket.gethostname()
+    for worker, argv, extra in worker_commands(pool, gpu_groups(gpus, per_part), limit, host):
+        print(f"t2i worker: {worker} on pool {pool!r} ({' '.join(argv[2:])})", flush=True)
+        procs.append(subprocess.Popen(argv, env={**env, **extra}))
+
+    def stop(signum, _frame) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
+
+
+def run_server(host: str, port: int) -> None:
+    """`prefect server start` whose UI calls this server's own API: the UI's API address comes from
+    PREFECT_UI_API_URL (default http://127.0.0.1:4200/api whatever --port says), so it is set here unless the
+    environment already sets it (a team server behind another name). Replaces this process."""
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if "PREFECT_UI_API_URL" not in env:
+        public = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+        env["PREFECT_UI_API_URL"] = f"http://{public}:{port}/api"
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    print(f"t2i server: UI on http://{host}:{port}, API at {env['PREFECT_UI_API_URL']}", flush=True)
+    os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], env)

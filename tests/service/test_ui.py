@@ -1,0 +1,99 @@
+"""The Prefect UI in headless Chromium (Debian's package, installed by `make test`; no browser download), on the
+team service of tests/service: log in with the auth string, start the pipeline from its deployment form with
+one field changed, then Retry a failed run. Screenshots go to test-output/ui/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from t2i.flows.config import PipelineConfig
+from t2i.flows.plan import Plan
+from tests.conftest import REPO
+from tests.service.conftest import config
+
+CHROMIUM = next(
+    (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "") if Path(p).is_file()), None
+)
+SHOTS = REPO / "test-output" / "ui"
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: `make test` installs Debian's package")
+
+
+@pytest.fixture
+def page(service):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(service.url.removesuffix("/api") + "/dashboard")
+        password = page.locator("input[type=password]")
+        password.wait_for()  # the server requires its auth string: the UI asks for it first
+        page.screenshot(path=SHOTS / "0-login.png")
+        password.fill(service.auth)
+        password.press("Enter")
+        page.get_by_text("Dashboard").first.wait_for()
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def _wait_for_state(page, state: str, shot: str, timeout_s: float = 400) -> None:
+    """Until the run page's state badge says `state` (the page updates itself while the run goes on)."""
+    page.wait_for_function(
+        "s => [...document.querySelectorAll('[class*=state-badge]')].some(e => e.innerText.trim() === s)",
+        arg=state,
+        timeout=timeout_s * 1000,
+        polling=2000,
+    )
+    page.screenshot(path=SHOTS / shot)
+
+
+def test_start_the_pipeline_from_its_form_and_retry_a_failed_run(service, small_pipeline, page):
+    root = service.url.removesuffix("/api")
+    deployment = service.api("/deployments/name/pipeline/tiny")
+    # The workspace already holds the small pipeline, so the run only re-evaluates with 4 prompts.
+    shutil.copytree(small_pipeline, service.root / "ui-ws", symlinks=True)
+    cfg = config(service.root / "ui-ws")
+    page.goto(f"{root}/deployments/deployment/{deployment['id']}/run")
+    workspace = page.get_by_label("Workspace (Optional)")
+    workspace.fill(cfg["workspace"])
+    prompts = page.get_by_label("Num Prompts (Optional)")
+    assert prompts.input_value() == "8"  # the form is prefilled from the deployed config
+    prompts.fill("4")
+    page.screenshot(path=SHOTS / "1-form.png")
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url("**/runs/flow-run/**")
+    _wait_for_state(page, "Completed", "2-pipeline-completed.png")
+    run_id = page.url.rsplit("/", 1)[-1]
+    params = service.run(run_id)["parameters"]["cfg"]
+    assert params["evaluate"]["num_prompts"] == 4 and params["workspace"] == cfg["workspace"]
+    evaluation = Plan(PipelineConfig.model_validate(params)).evaluation
+    assert evaluation.is_complete() and len(list((evaluation.root / "images").glob("*.png"))) == 4
+
+    # A download from a folder that is not there yet fails; once it exists, Retry in the UI completes it.
+    folder = service.root / "late-folder"
+    failing = config(service.root / "ui-ws", f"download.source=folder:{folder}", "download.max_images=8")
+    failed = service.start("download/tiny", failing)
+    service.wait_for(failed, {"FAILED", "CRASHED"}, timeout=120)
+    for i in range(8):
+        (folder / f"n0{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 32), (30 * i, 90, 200 - 20 * i)).save(folder / f"n0{i % 2}" / f"{i}.JPEG")
+    page.goto(f"{root}/runs/flow-run/{failed}")
+    _wait_for_state(page, "Failed", "3-failed-run.png", timeout_s=30)
+    page.get_by_role("button", name="Retry").click()
+    confirm = page.get_by_role("dialog").get_by_role("button", name="Retry")
+    if confirm.count():
+        confirm.click()
+    _wait_for_state(page, "Completed", "4-retried-completed.png")
+    assert service.run(failed)["run_count"] == 2
+    assert Plan(PipelineConfig.model_validate(failing)).images.read_manifest()["rows"] == 8
