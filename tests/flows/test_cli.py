@@ -140,7 +140,8 @@ def _kill_after_first_shard(stage: str, ws, env, artifact, num_shards: int) -> d
             for i in range(num_shards) if artifact.shard_path(i).exists()}  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", ["latents", "recaption"])
+# recaption (the vLLM engine) is SIGKILLed the same way in a worker-run part: tests/service/test_service.py
+@pytest.mark.parametrize("stage", ["latents"])
 def test_sigkill_mid_stage_then_rerun_keeps_finished_shards_and_matches(
     pipeline_ws, cli_env, tmp_path, stage
 ):

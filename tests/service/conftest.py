@@ -1,6 +1,7 @@
 """A team's Prefect service on this machine: `t2i server` on a non-default port that requires an API auth
-string, `t2i deploy` to a process pool, and two `t2i worker` "machines" (separate working directories and
-sessions, sharing only the workspace). Started once for the tests under tests/service/."""
+string, `t2i deploy` to a process pool (one whole run at a time), and two `t2i worker` "machines" (separate
+working directories and sessions, sharing only the workspace). Started once for the tests under
+tests/service/."""
 
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def service(tmp_path_factory, tiny_models):
     shutil.copytree(tiny_models, ws / "models")
     svc.ws = ws
     svc.cli([T2I, "deploy", "--preset", "tiny", "--pool", POOL, "--workspace", str(ws),
-             "--crash-after", str(CRASH_AFTER), *[f"--set={o}" for o in SMALL]])  # fmt: skip
+             "--crash-after", str(CRASH_AFTER), "--limit", "1", *[f"--set={o}" for o in SMALL]])  # fmt: skip
     for name in ("a", "b"):
         svc.start_worker(name)
     try:

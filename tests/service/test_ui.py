@@ -5,6 +5,7 @@ one field changed, then Retry a failed run. Screenshots go to test-output/ui/.""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def page(service):
 def _wait_for_state(page, state: str, shot: str, timeout_s: float = 400) -> None:
     """Until the run page's state badge says `state` (the page updates itself while the run goes on)."""
     page.wait_for_function(
-        "s => [...document.querySelectorAll('[class*=state-badge]')].some(e => e.innerText.trim() === s)",
+        "s => [...document.querySelectorAll('.state-badge')].some(e => e.innerText.trim() === s)",
         arg=state,
         timeout=timeout_s * 1000,
         polling=2000,
@@ -58,24 +59,37 @@ def _wait_for_state(page, state: str, shot: str, timeout_s: float = 400) -> None
     page.screenshot(path=SHOTS / shot)
 
 
+def _field(page, label: str):
+    """The input (or textarea) of the form field whose label reads `label`."""
+    header = page.locator("label.p-label__label", has_text=label).first
+    return (
+        header.locator("xpath=ancestor::*[contains(concat(' ', @class, ' '), ' p-label ')][1]")
+        .locator("input, textarea")
+        .first
+    )
+
+
 def test_start_the_pipeline_from_its_form_and_retry_a_failed_run(service, small_pipeline, page):
     root = service.url.removesuffix("/api")
     deployment = service.api("/deployments/name/pipeline/tiny")
-    # The workspace already holds the small pipeline, so the run only re-evaluates with 4 prompts.
+    # A workspace holding the small pipeline already: the run from the form re-evaluates with 4 prompts.
     shutil.copytree(small_pipeline, service.root / "ui-ws", symlinks=True)
     cfg = config(service.root / "ui-ws")
+    known = {r["id"] for r in service.flow_runs()}
     page.goto(f"{root}/deployments/deployment/{deployment['id']}/run")
-    workspace = page.get_by_label("Workspace (Optional)")
-    workspace.fill(cfg["workspace"])
-    prompts = page.get_by_label("Num Prompts (Optional)")
+    prompts = _field(page, "Num Prompts (Optional)")
     assert prompts.input_value() == "8"  # the form is prefilled from the deployed config
     prompts.fill("4")
+    _field(page, "Workspace (Optional)").fill(cfg["workspace"])
     page.screenshot(path=SHOTS / "1-form.png")
     page.get_by_role("button", name="Submit").click()
-    page.wait_for_url("**/runs/flow-run/**")
+    deadline = time.time() + 60
+    while not (new := [r for r in service.flow_runs() if r["id"] not in known]) and time.time() < deadline:
+        time.sleep(1)
+    (run,) = [r for r in new if r["deployment_id"] == deployment["id"]]
+    page.goto(f"{root}/runs/flow-run/{run['id']}")
     _wait_for_state(page, "Completed", "2-pipeline-completed.png")
-    run_id = page.url.rsplit("/", 1)[-1]
-    params = service.run(run_id)["parameters"]["cfg"]
+    params = service.run(run["id"])["parameters"]["cfg"]
     assert params["evaluate"]["num_prompts"] == 4 and params["workspace"] == cfg["workspace"]
     evaluation = Plan(PipelineConfig.model_validate(params)).evaluation
     assert evaluation.is_complete() and len(list((evaluation.root / "images").glob("*.png"))) == 4
@@ -90,10 +104,8 @@ def test_start_the_pipeline_from_its_form_and_retry_a_failed_run(service, small_
         Image.new("RGB", (40, 32), (30 * i, 90, 200 - 20 * i)).save(folder / f"n0{i % 2}" / f"{i}.JPEG")
     page.goto(f"{root}/runs/flow-run/{failed}")
     _wait_for_state(page, "Failed", "3-failed-run.png", timeout_s=30)
-    page.get_by_role("button", name="Retry").click()
-    confirm = page.get_by_role("dialog").get_by_role("button", name="Retry")
-    if confirm.count():
-        confirm.click()
+    page.get_by_role("button", name="Retry").first.click()
+    page.get_by_role("button", name="Retry").last.click()  # the confirmation dialog
     _wait_for_state(page, "Completed", "4-retried-completed.png")
     assert service.run(failed)["run_count"] == 2
     assert Plan(PipelineConfig.model_validate(failing)).images.read_manifest()["rows"] == 8
