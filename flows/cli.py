@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="publish the flows as deployments to a Prefect server and serve them")
     common(p)
     p.add_argument("--name", default=None, help="deployment name (default: the preset name)")
+    p.add_argument(
+        "--limit", type=int, default=1, help="runs at once (default 1: two GPU runs never share a GPU)"
+    )
     p = sub.add_parser("server", help="start a Prefect server whose UI talks to its own port")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine)")
     p.add_argument("--port", type=int, default=4200)
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from t2i.flows.deployments import serve_flows
 
-            serve_flows(cfg, name=args.name)
+            serve_flows(cfg, name=args.name, limit=args.limit)
             return 0
         if args.command == "deploy":
             from t2i.flows.service import deploy_flows

@@ -11,7 +11,7 @@ from t2i.flows.config import PipelineConfig
 from t2i.flows.service import flow_deployments, require_server
 
 
-def serve_flows(cfg: PipelineConfig, name: str | None = None, limit: int | None = None) -> None:
+def serve_flows(cfg: PipelineConfig, name: str | None = None, limit: int | None = 1) -> None:
     from prefect import serve
 
     require_server("t2i serve")

@@ -53,7 +53,10 @@ def test_workspace_from_argument_then_environment(monkeypatch, tmp_path):
             r"recaption\.backend: Input should be 'vllm', 'transformers', 'template' or 'import'",
         ),
         (["download.source=s3://bucket"], r"download\.source: .*allowed: synthetic:shapes, folder:<path>"),
-        (["nosuchsection.x=1"], r"nosuchsection: unknown field; allowed fields: cutmix, download, evaluate"),
+        (
+            ["nosuchsection.x=1"],
+            r"nosuchsection: unknown field; allowed fields: cluster, cutmix, download, evaluate",
+        ),
         (["train.steps"], r"expected section\.field=value"),
         (["train.latent_crop=6"], r"train: .*latent_crop \(6\) must be a multiple of patch_size \(4\)"),
     ],
