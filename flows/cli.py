@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "server":
         from t2i.flows.service import run_server
 
-        run_server(args.host, args.port)
+        run_server(args.host, args.port)  # replaces this process
+        return 0
     for flag in ("part", "gpus", "workers"):
         if getattr(args, flag, None) is not None:
             args.overrides.append(f"{args.command}.{flag}={getattr(args, flag)}")
