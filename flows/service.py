@@ -10,9 +10,9 @@ Pool layout (made by `t2i deploy`, type `process` unless the pool exists):
 uses them all) and one worker per GPU group on `parts`, with `CUDA_VISIBLE_DEVICES` set and one run at a
 time. A parent waiting for its parts holds a `default` slot, never a GPU.
 
-Runs started by a worker send a heartbeat every `HEARTBEAT_SECONDS`; the automation `t2i deploy` sets up marks
-a run Crashed when its heartbeats stop for `--crash-after` seconds (default 150: five missed heartbeats; an OOM kill, a dead node), so the UI offers
-Retry. Workers report a run whose process they saw die at once.
+Runs started by a worker send a heartbeat every `HEARTBEAT_SECONDS`. The automation `t2i deploy` sets up marks
+a run Crashed when its heartbeats stop for `--crash-after` seconds (default 150, five missed heartbeats: an OOM
+kill, a dead node), so the UI offers Retry. A worker reports at once a run whose process it saw die.
 """
 
 from __future__ import annotations
