@@ -40,10 +40,10 @@ def _wait_until(check, timeout: float, what: str):
 
 def test_pipeline_in_two_parts_over_two_machines_recovers_from_a_dead_machine(service, small_pipeline):
     """Parts run on both machines; one machine dies and the other's part process is SIGKILLed while they
-    caption: both parts end Crashed (the killed process at once, the dead machine's when its heartbeats stop),
-    the pipeline fails naming them, `prefect flow-run retry` on a part finishes it on the surviving machine,
-    Retry on the pipeline finishes the rest, finished shards are never rewritten, and every output equals a
-    single-process run's."""
+    caption. The killed process's part is Crashed at once and retried while the dead machine's part is still a
+    zombie; that one is Crashed when its heartbeats stop, and the pipeline fails naming it. `prefect flow-run
+    retry` finishes it on the surviving machine, Retry on the pipeline finishes the rest, finished shards are
+    never rewritten, and every output equals a single-process run's."""
     cfg = config(service.ws, "cluster.parts=2", "cluster.deployment=tiny")
     plan = Plan(PipelineConfig.model_validate(cfg))
     captions = plan.captions_of(plan.images)
