@@ -177,12 +177,13 @@ def worker_commands(
 def run_workers(pool: str, gpus: str | None, per_part: int, limit: int, name: str | None = None) -> int:
     """Start this machine's workers and wait; Ctrl-C or SIGTERM stops them all. Returns the first non-zero
     exit status, or 0."""
+    groups = gpu_groups(gpus, per_part)  # a bad GPU list fails before anything is contacted or started
     require_server("t2i worker")
     env = {**os.environ}
     env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
     procs = []
     host = name or socket.gethostname()
-    for worker, argv, extra in worker_commands(pool, gpu_groups(gpus, per_part), limit, host):
+    for worker, argv, extra in worker_commands(pool, groups, limit, host):
         print(f"t2i worker: {worker} on pool {pool!r} ({' '.join(argv[2:])})", flush=True)
         procs.append(subprocess.Popen(argv, env={**env, **extra}))
 

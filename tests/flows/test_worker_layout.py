@@ -25,9 +25,8 @@ def test_a_cpu_machine_runs_one_parts_worker_without_cuda_settings():
     assert name == "laptop-cpu" and env == {}
 
 
-def test_gpus_that_do_not_split_into_groups_are_refused(capsys, monkeypatch):
+def test_gpus_that_do_not_split_into_groups_are_refused(capsys):
     with pytest.raises(ValueError, match="does not divide the 3 GPUs"):
         gpu_groups("0,1,2", 2)
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert main(["worker", "--pool", "gpu", "--gpus", "0,1,2", "--gpus-per-part", "2"]) == 2
     assert "does not divide" in capsys.readouterr().err
