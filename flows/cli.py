@@ -22,14 +22,6 @@ import time
 from t2i.flows.config import ConfigError, PipelineConfig, available_presets, load_config
 
 STAGE_COMMANDS = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
-UPSTREAM = {
-    "download": (),
-    "cutmix": ("download",),
-    "recaption": ("download", "cutmix"),
-    "latents": ("download", "cutmix"),
-    "train": ("latents", "recaption"),
-    "evaluate": ("train",),
-}
 
 
 def _quiet_defaults() -> None:
@@ -154,19 +146,6 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
 
 
-def _check_inputs(cfg: PipelineConfig, stage: str) -> None:
-    from t2i.flows.plan import Plan
-
-    plan = Plan(cfg)
-    upstreams = UPSTREAM[stage]
-    if stage == "latents" and cfg.text.mode == "precomputed":
-        upstreams = (*upstreams, "recaption")  # the captions it embeds
-    for upstream in upstreams:
-        if upstream == "cutmix" and plan.composites is None:
-            continue
-        plan.require(upstream)
-
-
 def _print_outputs(cfg: PipelineConfig) -> None:
     from t2i.flows.status import format_statuses, stage_statuses
 
@@ -257,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
 
             pipeline_flow(cfg)
         else:
-            _check_inputs(cfg, args.command)
             from t2i.flows.pipeline import STAGE_FLOWS
+            from t2i.flows.plan import Plan
+
+            Plan(cfg).require_inputs(args.command)
 
             kwargs = {"relist": True} if getattr(args, "relist", False) else {}
             STAGE_FLOWS[args.command](cfg, **kwargs)

@@ -11,10 +11,18 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PRESETS_PACKAGE = "t2i.flows.presets"
 DEFAULT_WORKSPACE = "workspace"
@@ -49,6 +57,15 @@ def parse_part(part: str) -> tuple[int, int]:
     if not 1 <= k <= n:
         raise ValueError(f"part must be k/n with 1 <= k <= n, got {part!r}")
     return k, n
+
+
+def _valid_part(part: str) -> str:
+    parse_part(part)
+    return part
+
+
+# 'k/n': the k-th of n interleaved shard sets of a sharded stage (recaption, latents), with 1 <= k <= n.
+ShardPart = Annotated[str, Field(pattern=r"^\d+/\d+$"), AfterValidator(_valid_part)]
 
 
 class ClusterConfig(StageConfig):
@@ -173,9 +190,8 @@ class RecaptionConfig(StageConfig):
     workers: int | None = Field(
         None, ge=1, description="Engine processes (default: one per GPU group; 1 on CPU)."
     )
-    part: str = Field(
+    part: ShardPart = Field(
         "1/1",
-        pattern=r"^\d+/\d+$",
         description="k/n: this run captions the k-th of n interleaved shard sets "
         "(split across machines, SLURM arrays, several Prefect workers).",
     )
@@ -210,12 +226,6 @@ class RecaptionConfig(StageConfig):
     @property
     def part_index(self) -> tuple[int, int]:
         return parse_part(self.part)
-
-    @field_validator("part")
-    @classmethod
-    def _part_in_range(cls, v: str) -> str:
-        parse_part(v)
-        return v
 
     @field_validator("template")
     @classmethod
@@ -287,9 +297,8 @@ class LatentsConfig(StageConfig):
         None, ge=1, description="Worker processes (default: one per GPU; 1 on CPU, in the flow's process)."
     )
 
-    part: str = Field(
+    part: ShardPart = Field(
         "1/1",
-        pattern=r"^\d+/\d+$",
         description="k/n: this run encodes the k-th of n interleaved shard sets (several machines or workers).",
     )
 
@@ -298,12 +307,6 @@ class LatentsConfig(StageConfig):
     @property
     def part_index(self) -> tuple[int, int]:
         return parse_part(self.part)
-
-    @field_validator("part")
-    @classmethod
-    def _part_in_range(cls, v: str) -> str:
-        parse_part(v)
-        return v
 
     @field_validator("resolution")
     @classmethod

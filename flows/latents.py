@@ -27,9 +27,7 @@ from t2i.tasks.text import null_embedding, text_shard
 def latents_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
     if fans_out(cfg, cfg.latents.part):  # the parts encode every shard; this run then writes the manifests
-        for name, images in plan.image_sets():  # missing inputs fail here, not in every part
-            if plan.text_of(plan.captions_of(plan.require(name, images))) is not None:
-                plan.require("recaption", plan.captions_of(images))
+        plan.require_inputs("latents")  # a missing input fails here, not in every part
         run_parts("latents", cfg, lambda k, n: with_overrides(cfg, [f"latents.part={k}/{n}"]))
     summaries = {}
     for name, images in plan.image_sets():

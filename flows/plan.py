@@ -19,6 +19,14 @@ from t2i.models.tiny import tiny_identities
 from t2i.tasks import versions
 
 STAGES = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
+UPSTREAM = {
+    "download": (),
+    "cutmix": ("download",),
+    "recaption": ("download", "cutmix"),
+    "latents": ("download", "cutmix"),
+    "train": ("latents", "recaption"),
+    "evaluate": ("train",),
+}
 
 
 class MissingInput(RuntimeError):
@@ -163,6 +171,16 @@ class Plan:
             "train": lambda: self.checkpoints,
             "evaluate": lambda: self.evaluation,
         }[stage]()
+
+    def require_inputs(self, stage: str) -> None:
+        """Every input of `stage` must be complete, before any work starts; otherwise `MissingInput` names the
+        command that makes it. Precomputed text makes the captions of every image set an input of latents."""
+        for upstream in UPSTREAM[stage]:
+            if upstream != "cutmix" or self.composites is not None:
+                self.require(upstream)
+        if stage == "latents" and self.cfg.text.mode == "precomputed":  # the captions it embeds
+            for _, images in self.image_sets():
+                self.require("recaption", self.captions_of(images))
 
     def require(self, stage: str, art: Artifact | None = None) -> Artifact:
         """The artifact of `stage` (or the given one), which must be complete; otherwise say which command

@@ -26,8 +26,7 @@ from t2i.tasks.shards import publish_markdown, run_logger
 def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
     if fans_out(cfg, cfg.recaption.part):  # the parts caption every shard; this run then writes the summary
-        for name, images in plan.image_sets():  # missing inputs fail here, not in every part
-            plan.require(name, images)
+        plan.require_inputs("recaption")  # a missing input fails here, not in every part
         run_parts("recaption", cfg, lambda k, n: with_overrides(cfg, [f"recaption.part={k}/{n}"]))
     summaries = {name: caption_image_set(cfg, plan, name, images) for name, images in plan.image_sets()}
     return {**summaries["download"], "composites": summaries.get("cutmix")}

@@ -7,11 +7,11 @@ from typing import Any
 
 from prefect import flow
 
+from t2i.data.store import FINAL
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import skipped_summary
 from t2i.models.tiny import resolve_model
-from t2i.tasks.checkpoints import FINAL
 from t2i.tasks.train import launch_distributed, train_denoiser
 
 

@@ -19,8 +19,6 @@ import torch
 from t2i.data.store import CHECKPOINTS, FINAL, atomic_path, checkpoint_dirs
 from t2i.models.dit import DiT, DiTConfig, build_dit
 
-__all__ = ["CHECKPOINTS", "FINAL", "checkpoint_dirs"]  # the train stage's layout, from the store
-
 
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     final = root / CHECKPOINTS / f"step-{step:08d}"

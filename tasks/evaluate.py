@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from prefect import task
 
-from t2i.data.store import Artifact, atomic_path
+from t2i.data.store import CHECKPOINTS, FINAL, Artifact, atomic_path, checkpoint_dirs
 from t2i.models.ema import EMA
 from t2i.models.sampling import sample_latents
 from t2i.models.tiny import resolve_model
 from t2i.models.vae import decode_latents
-from t2i.tasks.checkpoints import CHECKPOINTS, FINAL, checkpoint_dirs, load_final
+from t2i.tasks.checkpoints import load_final
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import Progress, publish_markdown, run_logger
 from t2i.tasks.text import OnlineText
@@ -31,6 +31,7 @@ from t2i.tasks.train_batches import step_generator
 
 if TYPE_CHECKING:
     from t2i.flows.config import EvaluateConfig, LatentsConfig
+
 CLASS_PROMPT = "An image of {class_name}"  # the recaption stage's default template
 
 

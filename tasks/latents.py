@@ -21,6 +21,7 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
     from t2i.flows.config import LatentsConfig
+
 DECODE_THREADS = 4  # Pillow decodes without the GIL: these keep the next batches ready for the GPU
 
 

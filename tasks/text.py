@@ -27,6 +27,7 @@ from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
 if TYPE_CHECKING:
     from t2i.flows.config import TextConfig
+
 DIM_META_KEY = b"t2i.text_dim"
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from prefect import task
 
-from t2i.data.store import Artifact, atomic_path
+from t2i.data.store import CHECKPOINTS, Artifact, atomic_path, checkpoint_dirs
 from t2i.data.train_data import TrainTable, build_train_table, pad_rows, train_table_for
 from t2i.models.cad import self_conditioned_forward
 from t2i.models.conditioning import apply_text_dropout
@@ -29,14 +29,7 @@ from t2i.models.diffusion import EpsilonObjective
 from t2i.models.dit import count_parameters
 from t2i.models.ema import EMA
 from t2i.models.flow_matching import RectifiedFlowObjective
-from t2i.tasks.checkpoints import (
-    CHECKPOINTS,
-    CheckpointWriter,
-    build_denoiser,
-    checkpoint_dirs,
-    load_state,
-    save_final,
-)
+from t2i.tasks.checkpoints import CheckpointWriter, build_denoiser, load_state, save_final
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import publish_markdown, run_logger
 from t2i.tasks.text import OnlineText, load_encoder

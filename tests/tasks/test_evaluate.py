@@ -152,8 +152,9 @@ def test_bad_checkpoint_names_and_missing_metric_models_fail_before_sampling(tra
 
 
 def test_use_ema_false_samples_the_raw_weights_of_final(trained):
+    from t2i.data.store import CHECKPOINTS, FINAL
     from t2i.flows.plan import Plan
-    from t2i.tasks.checkpoints import CHECKPOINTS, FINAL, load_state
+    from t2i.tasks.checkpoints import load_state
     from t2i.tasks.evaluate import load_checkpoint
 
     base, workspace = trained

@@ -7,13 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
+from t2i.data.store import checkpoint_dirs
 from t2i.flows.config import load_config
 from t2i.flows.download import download_flow
 from t2i.flows.latents import latents_flow
 from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import resolve_scale_factor, train_flow
-from t2i.tasks.checkpoints import checkpoint_dirs, load_final, load_state
+from t2i.tasks.checkpoints import load_final, load_state
 from t2i.tasks.train import (
     NonFiniteLoss,
     TrainText,
