@@ -7,6 +7,7 @@ VENV ?= .venv
 EXTRAS ?= cpu,dev
 PIP_ARGS ?=
 PRESET ?= tiny
+TEST_WORKERS ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 4200
 POOL ?= t2i
@@ -29,8 +30,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/t2i run --preset $(PRESET)
 
+# Two pytest workers: much of the suite waits (servers, subprocess start-up, heartbeats) rather than computes.
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 # Headless Chromium from Debian's packages for the UI test (tests/service/test_ui.py); Playwright drives it, so
 # nothing is downloaded. Needs root (CI); elsewhere install `chromium` yourself or the UI test is skipped.

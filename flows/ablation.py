@@ -94,8 +94,9 @@ def ablation_flow(cfg: PipelineConfig, seeds: list[int] | None = None) -> dict[s
         runs[variant] = []
         for seed in seeds:
             vcfg = variant_config(cfg, variant, seed)
-            pipeline_flow(vcfg)
             evaluation = Plan(vcfg).evaluation
+            if not evaluation.is_complete():  # a finished run is read, not walked through again
+                pipeline_flow(vcfg)
             evaluations[f"{variant}/{seed}"] = evaluation.fingerprint
             metrics = json.loads((evaluation.root / "metrics.json").read_text())
             runs[variant].append(metrics["shapes"]["scores"])

@@ -26,6 +26,17 @@ T2I = str(Path(sys.executable).with_name("t2i"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+PIPELINE_FIXTURES = {"small_pipeline", "small_pipeline_run", "service"}
+
+
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n N --dist loadgroup` (make test), the tests that share the reference pipeline run or the
+    service fixture go to one worker, so each session fixture is built once."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """A workspace-shaped folder holding the three tiny models, built once; copy it into test workspaces."""
