@@ -9,6 +9,8 @@ t2i serve --preset P            (needs a Prefect server: `make server`)
 t2i deploy --preset P --pool NAME [--limit K]   (every flow as a deployment on a work pool)
 t2i worker --pool NAME [--gpus 0,1,...] [--gpus-per-part G] [--limit K]   (this machine's workers)
 t2i ablate --preset tiny [--seeds 0 1 2]   (class vs vlm vs vlm+cutmix captions, shapes scorer)
+t2i generate --preset P --prompt TEXT [--prompt ...] [--n 4] [--seed 0]   (PNGs from the trained model)
+t2i export-model --preset P --out DIR [--push-to-hub REPO [--private]]   (a diffusers folder + model card)
 t2i train-shapes-models captioner vae [--out DIR]   (retrain the tiny preset's trained models)
 """
 
@@ -105,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-part", type=int, default=1, help="GPUs each part runs on (default 1)")
     p.add_argument("--name", default=None, help="prefix of the workers' names (default: the host name)")
     p.add_argument("--limit", type=int, default=1, help="whole runs this machine takes at once (default 1)")
+    p = sub.add_parser("generate", help="images from prompts with the trained model (EMA weights)")
+    common(p)
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i is drawn with seed + i (default 0)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: evaluate's)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: evaluate's)")
+    p.add_argument("--checkpoint", default="final", help="final (default) or a kept step-NNNNNNNN")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: <workspace>/generate/<digest>)")
+    p = sub.add_parser("export-model", help="the trained model as a diffusers folder with a model card")
+    common(p)
+    p.add_argument("--out", default=None, help="folder to write (an earlier export there is replaced)")
+    p.add_argument("--checkpoint", default="final", help="final (default) or a kept step-NNNNNNNN")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub model repo")
+    p.add_argument("--private", action="store_true", help="make the Hub repo private")
     p = sub.add_parser(
         "ablate",
         help="train and evaluate class / vlm / vlm+cutmix captions over several seeds (shapes world)",
@@ -171,6 +189,35 @@ def _export_captions(cfg: PipelineConfig, out: str | None, repo: str | None) -> 
     return 0
 
 
+def _generate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from t2i.tasks.generate import generate, generate_request, read_prompts_file
+
+    prompts = list(args.prompts) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    options = {k: getattr(args, k) for k in ("n", "seed", "guidance", "steps", "checkpoint")}
+    request = generate_request(prompts=prompts, **options)
+    started = time.time()
+    paths = generate(cfg, request, Path(args.out) if args.out else None)
+    print("\n".join(str(p) for p in paths))
+    if len(paths) > 1:
+        print(paths[0].parent / "grid.png")
+    print(f"t2i generate: {len(paths)} images in {time.time() - started:.1f}s")
+    return 0
+
+
+def _export_model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from t2i.tasks.export_model import export_model
+
+    out = Path(args.out) if args.out else None
+    export_model(cfg, out, args.checkpoint, args.push_to_hub, args.private)
+    for where in filter(None, (out, args.push_to_hub)):
+        print(f"exported the {cfg.preset} model to {where}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_defaults()
@@ -210,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export-captions":
             return _export_captions(cfg, args.out, args.push_to_hub)
+        if args.command == "generate":
+            return _generate(cfg, args)
+        if args.command == "export-model":
+            return _export_model(cfg, args)
         if args.command == "serve":
             from t2i.flows.deployments import serve_flows
 

@@ -42,6 +42,7 @@ def flow_deployments(cfg: PipelineConfig, name: str, **options):
     from prefect.types.entrypoint import EntrypointType
 
     from t2i.flows.ablation import ablation_flow
+    from t2i.flows.generate import generate_flow
     from t2i.flows.pipeline import STAGE_FLOWS, pipeline_flow
 
     params = {"cfg": cfg.model_dump(mode="json")}
@@ -54,7 +55,7 @@ def flow_deployments(cfg: PipelineConfig, name: str, **options):
             entrypoint_type=EntrypointType.MODULE_PATH,
             **options,
         )
-        for f in (pipeline_flow, *STAGE_FLOWS.values(), ablation_flow)
+        for f in (pipeline_flow, *STAGE_FLOWS.values(), ablation_flow, generate_flow)
     ]
 
 

@@ -16,7 +16,7 @@ Choices the paper leaves open, made here once:
 Latent self-conditioning (rate 0.9 in the paper): `CAD.forward(..., latents_prev=...)` adds the previous
 latent tokens through a zero-initialised LayerNorm+Linear to the initial latents (zeros when there is no
 previous step). During training use `self_conditioned_forward`; at sampling time
-`t2i.models.sampling.SelfConditionedSampling` carries the latents from one step to the next.
+`SelfConditionedSampling` (below) carries the latents from one step to the next.
 """
 
 from __future__ import annotations
@@ -267,6 +267,19 @@ def self_conditioned_forward(
             _, latents_prev = model(x, t, text, mask, return_latents=True)
         latents_prev = latents_prev.detach()
     return model(x, t, text, mask, latents_prev=latents_prev)
+
+
+class SelfConditionedSampling:
+    """CAD-I at sampling time (RIN): each call feeds back the latent tokens of the previous call, so the
+    model is sampled with the self-conditioning it trained with. One instance per sampling run: the
+    batch layout (the doubled guidance batch too) is the same at every step of a run."""
+
+    def __init__(self, model: CAD) -> None:
+        self.model, self.latents = model, None
+
+    def __call__(self, x: Tensor, t: Tensor, text: Tensor, mask: Tensor) -> Tensor:
+        eps, self.latents = self.model(x, t, text, mask, latents_prev=self.latents, return_latents=True)
+        return eps
 
 
 def build_cad(size: str, **overrides) -> CAD:

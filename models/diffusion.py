@@ -156,19 +156,38 @@ def ddim_sample(
     """
     device = text.device
     x = sampling_noise(shape, generator, device)
-    times = torch.linspace(t_max, 0.0, steps + 1, device=device, dtype=torch.float64)
+    times = ddim_times(steps, t_max, device)
     for t_now, t_next in zip(times[:-1], times[1:], strict=True):
-        g_now, g_next = gamma(t_now), gamma(t_next)
         t_batch = torch.full((shape[0],), float(t_now), device=device)
         eps = guided_eps(model_fn, x, t_batch, text, mask, null_text, null_mask, guidance_scale).float()
-        x0 = (x - (1 - g_now).sqrt() * eps) / g_now.sqrt()
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x - g_now.sqrt() * x0) / (1 - g_now).sqrt()
-        sigma = eta * ((1 - g_next) / (1 - g_now) * (1 - g_now / g_next)).clamp_min(0).sqrt()
-        x = g_next.sqrt() * x0 + (1 - g_next - sigma**2).clamp_min(0).sqrt() * eps
-        if eta > 0 and t_next > 0:
-            x = x + sigma * sampling_noise(shape, generator, device)
+        x = ddim_step(x, eps, t_now, t_next, eta=eta, clip_x0=clip_x0, generator=generator)
+    return x
+
+
+def ddim_times(steps: int, t_max: float = 1.0 - 1e-3, device=None) -> Tensor:
+    """The `steps + 1` times DDIM visits, t_max down to 0, in float64."""
+    return torch.linspace(t_max, 0.0, steps + 1, device=device, dtype=torch.float64)
+
+
+def ddim_step(
+    x: Tensor,
+    eps: Tensor,
+    t_now: Tensor,
+    t_next: Tensor,
+    eta: float = 0.0,
+    clip_x0: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One DDIM update from t_now to t_next given the (guided) ε prediction; eta > 0 adds fresh noise."""
+    g_now, g_next = gamma(t_now), gamma(t_next)
+    x0 = (x - (1 - g_now).sqrt() * eps) / g_now.sqrt()
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x - g_now.sqrt() * x0) / (1 - g_now).sqrt()
+    sigma = eta * ((1 - g_next) / (1 - g_now) * (1 - g_now / g_next)).clamp_min(0).sqrt()
+    x = g_next.sqrt() * x0 + (1 - g_next - sigma**2).clamp_min(0).sqrt() * eps
+    if eta > 0 and t_next > 0:
+        x = x + sigma * sampling_noise(tuple(x.shape), generator, x.device)
     return x
 
 

@@ -105,9 +105,19 @@ def euler_sample(
     """
     device = text.device
     x = sampling_noise(shape, generator, device)
-    times = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
+    times = euler_times(steps, shift, device)
     for t_now, t_next in zip(times[:-1], times[1:], strict=True):
         t_batch = torch.full((shape[0],), float(t_now), device=device)
         v = guided_eps(model_fn, x, t_batch, text, mask, null_text, null_mask, guidance_scale).float()
-        x = x + float(t_next - t_now) * v
+        x = euler_step(x, v, t_now, t_next)
     return x
+
+
+def euler_times(steps: int, shift: float = 1.0, device=None) -> Tensor:
+    """The `steps + 1` times the Euler sampler visits, 1 down to 0 (warped by `shift`), in float64."""
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
+
+
+def euler_step(x: Tensor, v: Tensor, t_now: Tensor, t_next: Tensor) -> Tensor:
+    """One Euler step of dx/dt = v̂ from t_now to t_next."""
+    return x + float(t_next - t_now) * v

@@ -331,9 +331,30 @@ def sample_prompts(
     cfg, model, meta, vae, jobs, image_dir: Path, workspace: Path, device: str, name: str
 ) -> dict:
     """Sample every (prompt, k) job in batches; a batch whose images all exist is skipped (resume)."""
+    encoder = prompt_encoder(meta, workspace, device)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
+    paths = {(p.index, k): image_dir / f"{p.index:05d}-{k:02d}.png" for p, k in jobs}
+    progress = Progress(f"evaluate {name}", len(batches))
+    for b, batch in enumerate(batches):
+        if all(paths[(p.index, k)].is_file() for p, k in batch):
+            progress.advance("(already sampled)")
+            continue
+        pixels = sample_images(
+            model, meta, vae, encoder, [p.text for p, _ in batch], cfg.sampler, cfg.steps, cfg.guidance_scale,
+            step_generator(cfg.seed, b),
+        )  # fmt: skip
+        for (p, k), px in zip(batch, pixels, strict=True):
+            _save_png(Image.fromarray(px), paths[(p.index, k)])
+        progress.advance(f"({len(batch)} images)")
+    return paths
+
+
+def prompt_encoder(meta: dict[str, Any], workspace: Path, device: str) -> OnlineText:
+    """The run's text encoder for new prompts, its outputs rounded like the training batches' embeddings."""
     text_cfg = meta["text_encoder"]
     text_dtype = text_cfg.get("dtype", "float32")
-    encoder = OnlineText(  # prompts are new text: always encoded here, rounded like the training batches
+    return OnlineText(
         cached_model(
             "text",
             path=resolve_model(text_cfg["encoder"], workspace),
@@ -344,26 +365,28 @@ def sample_prompts(
         ),
         text_dtype,
     )
-    image_dir.mkdir(parents=True, exist_ok=True)
+
+
+def sample_images(
+    model,
+    meta,
+    vae,
+    encoder: OnlineText,
+    texts: list[str],
+    sampler: str,
+    steps: int,
+    guidance: float,
+    generator,
+) -> np.ndarray:
+    """One batch of prompts → uint8 images (B, H, W, 3): guided sampling from the empty prompt's branch, the
+    latent normalisation undone, decoded by the VAE. `t2i evaluate` and `t2i generate` both sample here."""
+    text, mask = encoder.encode(texts)
     null_text, null_mask = encoder.encode([None])
-    batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
-    paths = {(p.index, k): image_dir / f"{p.index:05d}-{k:02d}.png" for p, k in jobs}
-    progress = Progress(f"evaluate {name}", len(batches))
-    for b, batch in enumerate(batches):
-        if all(paths[(p.index, k)].is_file() for p, k in batch):
-            progress.advance("(already sampled)")
-            continue
-        text, mask = encoder.encode([p.text for p, _ in batch])
-        shape = (len(batch), *meta["latent_shape"])
-        z = sample_latents(
-            meta.get("objective", "epsilon"), cfg.sampler, model, shape, text, mask, null_text, null_mask,
-            steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=step_generator(cfg.seed, b),
-        )  # fmt: skip
-        pixels = decode_latents(vae, to_vae_latents(z, meta["latent_norm"]))
-        for (p, k), px in zip(batch, pixels, strict=True):
-            _save_png(Image.fromarray(px), paths[(p.index, k)])
-        progress.advance(f"({len(batch)} images)")
-    return paths
+    z = sample_latents(
+        meta.get("objective", "epsilon"), sampler, model, (len(texts), *meta["latent_shape"]), text, mask,
+        null_text, null_mask, steps=steps, guidance_scale=guidance, generator=generator,
+    )  # fmt: skip
+    return decode_latents(vae, to_vae_latents(z, meta["latent_norm"]))
 
 
 def headline(metrics: dict[str, Any]) -> str:

@@ -15,7 +15,17 @@ from t2i.flows.plan import Plan
 from tests.conftest import T2I
 
 PREFECT = str(Path(T2I).with_name("prefect"))
-FLOWS = ["ablation", "cutmix", "download", "evaluate", "latents", "pipeline", "recaption", "train"]
+FLOWS = [
+    "ablation",
+    "cutmix",
+    "download",
+    "evaluate",
+    "generate",
+    "latents",
+    "pipeline",
+    "recaption",
+    "train",
+]
 
 
 def _api(url: str, path: str, body: dict | None = None):

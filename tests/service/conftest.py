@@ -93,10 +93,11 @@ class Service:
             time.sleep(2)
         raise AssertionError(f"flow run {run['name']} still {run['state_type']} after {timeout:.0f} s")
 
-    def start(self, deployment: str, cfg: dict) -> str:
+    def start(self, deployment: str, cfg: dict, **params) -> str:
         """Start a run of a deployment (what the UI's Run button does); returns its id."""
         dep = self.api(f"/deployments/name/{deployment}")
-        return self.api(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"cfg": cfg}})["id"]
+        body = {"parameters": {"cfg": cfg, **params}}
+        return self.api(f"/deployments/{dep['id']}/create_flow_run", body)["id"]
 
 
 def config(ws: Path, *overrides: str) -> dict:

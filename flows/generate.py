@@ -1,0 +1,56 @@
+"""The `generate` flow: prompts typed into the deployment's form become images in the run's artifacts."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from prefect import flow
+
+from t2i.flows.config import PipelineConfig
+from t2i.tasks.shards import publish_markdown, run_logger
+
+DEFAULT_PROMPTS = ["a large red circle in the top left"]
+
+
+def data_url(image) -> str:
+    """A PNG as a `data:` URL: the UI shows it without the server having to serve files."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@flow(
+    name="generate", description="Images from prompts with the trained model, shown in the run's artifacts."
+)
+def generate_flow(
+    cfg: PipelineConfig,
+    prompts: list[str] = DEFAULT_PROMPTS,  # noqa: B006  (Prefect's form needs the literal default)
+    n: int = 4,
+    seed: int = 0,
+    guidance: float | None = None,
+    steps: int | None = None,
+    checkpoint: str = "final",
+) -> list[str]:
+    from PIL import Image
+    from prefect.artifacts import create_image_artifact
+
+    from t2i.tasks.evaluate import image_grid
+    from t2i.tasks.generate import generate, generate_request
+
+    request = generate_request(
+        prompts=prompts, n=n, seed=seed, guidance=guidance, steps=steps, checkpoint=checkpoint
+    )
+    paths = generate(cfg, request)
+    for i, prompt in enumerate(request.prompts):
+        images = [Image.open(p).convert("RGB") for p in paths[i * request.n : (i + 1) * request.n]]
+        grid = image_grid(images, columns=request.n, cell=max(images[0].width, 128))
+        create_image_artifact(image_url=data_url(grid), description=prompt)
+    rows = "\n".join(f"| {p} | `{paths[i * request.n].parent}` |" for i, p in enumerate(request.prompts))
+    publish_markdown(
+        f"# Generated\n\n| prompt | folder |\n|---|---|\n{rows}\n",
+        key="generate",
+        description="Generated images",
+    )
+    run_logger().info(f"[generate] {len(paths)} images in {paths[0].parent}")
+    return [str(p) for p in paths]

@@ -1,0 +1,117 @@
+"""`t2i generate`: PNGs from prompts with a finished training run's EMA weights (or a kept checkpoint's),
+sampled as `t2i evaluate` samples (`sample_images`): the preset's sampler, steps and guidance by default.
+
+Prompt i's `n` images come from one CPU generator seeded `seed + i`, so the same command gives the same
+files, on a GPU too, and `pipe(prompt, num_images_per_prompt=n, generator=torch.Generator().manual_seed(
+seed + i))` on the exported folder (`t2i export-model`) gives the same images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from t2i.data.store import atomic_path, fingerprint
+from t2i.flows.config import ConfigError, PipelineConfig, format_validation_error
+from t2i.flows.plan import MissingInput, Plan
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(min_length=1, description="Prompts; each gets `n` images.")
+    n: int = Field(4, ge=1, le=64, description="Images per prompt.")
+    seed: int = Field(0, ge=0, description="Prompt i's images are drawn from a generator seeded seed + i.")
+    guidance: float | None = Field(
+        None, ge=0, description="Guidance scale (default: evaluate.guidance_scale)."
+    )
+    steps: int | None = Field(None, ge=1, le=2000, description="Sampling steps (default: evaluate.steps).")
+    checkpoint: str = Field("final", description="'final' (EMA weights) or a kept 'step-NNNNNNNN'.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _not_blank(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("a prompt is empty")
+        return v
+
+
+def generate_request(**options) -> GenerateRequest:
+    """Validated options; a bad value raises ConfigError naming the field."""
+    try:
+        return GenerateRequest(**options)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err).replace("configuration", "generate options")) from None
+
+
+def read_prompts_file(path: str) -> list[str]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"--prompts-file: {file} does not exist")
+    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
+
+
+class TrainedRun:
+    """A finished training run's weights and the models that sample from them, as `t2i evaluate` loads them."""
+
+    def __init__(self, cfg: PipelineConfig, checkpoint: str = "final") -> None:
+        from t2i.models.tiny import resolve_model
+        from t2i.tasks.evaluate import checkpoint_names, load_checkpoint, prompt_encoder
+        from t2i.tasks.model_cache import cached_model, pick_device
+
+        self.cfg, self.checkpoints = cfg, Plan(cfg).checkpoints
+        if not self.checkpoints.is_complete():
+            raise MissingInput(
+                f"no finished training run for this configuration ({self.checkpoints.root}); "
+                f"run `t2i train --preset {cfg.preset}` (or `t2i run`) first"
+            )
+        self.name = checkpoint_names([checkpoint], self.checkpoints.root)[0]
+        device = pick_device(cfg.evaluate.device)
+        self.model, self.meta = load_checkpoint(
+            self.checkpoints.root, self.name, device, cfg.evaluate.use_ema
+        )
+        self.vae = cached_model(
+            "vae", path=resolve_model(cfg.latents.vae, cfg.workspace_path), device=device, dtype="float32",
+            revision=cfg.latents.revision,
+        )  # fmt: skip
+        self.encoder = prompt_encoder(self.meta, cfg.workspace_path, device)
+
+    def sample(self, texts: list[str], steps: int, guidance: float, generator):
+        from t2i.tasks.evaluate import sample_images
+
+        args = (self.cfg.evaluate.sampler, steps, guidance, generator)
+        return sample_images(self.model, self.meta, self.vae, self.encoder, texts, *args)
+
+
+def generate(cfg: PipelineConfig, request: GenerateRequest, out: Path | None = None) -> list[Path]:
+    """Write `<i:03d>-<k:02d>.png` per prompt and image (and `grid.png`, a row per prompt, when there are
+    several) into `out` (default: `<workspace>/generate/<digest of the run and the request>`)."""
+    import torch
+    from PIL import Image
+
+    from t2i.tasks.evaluate import image_grid
+
+    run = TrainedRun(cfg, request.checkpoint)
+    steps = request.steps or cfg.evaluate.steps
+    guidance = cfg.evaluate.guidance_scale if request.guidance is None else request.guidance
+    settings = {**request.model_dump(), "steps": steps, "guidance": guidance, "sampler": cfg.evaluate.sampler}
+    digest = fingerprint("generate", 1, settings, {"train": run.checkpoints.fingerprint})
+    out = out or cfg.workspace_path / "generate" / digest
+    out.mkdir(parents=True, exist_ok=True)
+    paths, images = [], []
+    for i, prompt in enumerate(request.prompts):
+        generator = torch.Generator().manual_seed(request.seed + i)
+        for k, px in enumerate(run.sample([prompt] * request.n, steps, guidance, generator)):
+            images.append(Image.fromarray(px))
+            paths.append(out / f"{i:03d}-{k:02d}.png")
+            with atomic_path(paths[-1]) as tmp:
+                images[-1].save(tmp, format="PNG")
+    if len(images) > 1:
+        with atomic_path(out / "grid.png") as tmp:
+            image_grid(images, columns=request.n, cell=images[0].width).save(tmp, format="PNG")
+    record = {**settings, "checkpoint": run.name, "train": str(run.checkpoints.root)}
+    with atomic_path(out / "request.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return paths

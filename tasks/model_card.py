@@ -1,0 +1,147 @@
+"""The exported model's card (`README.md` with the Hub's metadata header), written from the run's
+manifests: what was trained on what, the evaluation of exactly this checkpoint, how to load it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from t2i.flows.config import PipelineConfig
+from t2i.flows.plan import Plan
+
+ARCHITECTURES = {"dit": "DiT-I (DiT with cross-attention to T5)", "cad": "CAD-I (RIN-style, text in latents)"}
+PAPER = "How far can we go with ImageNet for Text-to-Image generation? (2025)"
+
+
+def evaluation_of(plan: Plan, checkpoint: str) -> dict[str, Any] | None:
+    """The evaluate stage's metrics for this checkpoint, if that run is finished and sampled it."""
+    if not plan.evaluation.is_complete():
+        return None
+    metrics = plan.evaluation.read_manifest()["metrics"]
+    if metrics.get("checkpoint") == checkpoint:
+        return metrics
+    return metrics.get("checkpoints", {}).get(checkpoint)
+
+
+def header(cfg: PipelineConfig, arch: str) -> list[str]:
+    imagenet = "imagenet" in cfg.download.source.lower()
+    return [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "license: other",
+        f"license_name: {'imagenet-terms-of-access' if imagenet else 'training-data-terms'}",
+        "tags: [text-to-image, diffusion, t2i-imagenet, " + arch + "]",
+        *(["datasets: [ILSVRC/imagenet-1k]"] if imagenet else []),
+        "---",
+        "",
+    ]
+
+
+def training_rows(cfg: PipelineConfig, plan: Plan, train: dict[str, Any]) -> list[str]:
+    t = train["config"]["train"]
+    images = plan.images.read_manifest() if plan.images.is_complete() else {}
+    captions = plan.captions.read_manifest() if plan.captions.is_complete() else {}
+    backend = captions.get("backend", cfg.recaption.backend)
+    captioner = f"{captions.get('model', cfg.recaption.model)} ({backend})" if backend == "vllm" else backend
+    composites = plan.composites
+    rows = [
+        ("denoiser", f"{ARCHITECTURES[t['model']]}, size `{t['size']}`, {train['parameters']:,} parameters"),
+        ("objective", f"{t['objective']}, {train['step']:,} steps × global batch {train['global_batch']}"),
+        ("optimiser", f"{t['optimizer']}, lr {t['lr']:g}, EMA decay {t['ema_decay']}"),
+        ("images", f"`{cfg.download.source}` ({cfg.download.split}): {images.get('rows', '?'):,} images"),
+        ("captions", f"{captioner}, {captions.get('rows', '?'):,} captions"),
+        ("CutMix", "off" if composites is None else f"on: composites in {train.get('cutmix_share', 0):.0%} of samples"),
+        ("text encoder", f"`{train['config']['text']['encoder']}`, up to {train['config']['text']['max_length']} tokens"),
+        ("VAE / resolution", f"`{cfg.latents.vae}`, {cfg.latents.resolution} px"),
+    ]  # fmt: skip
+    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def evaluation_lines(cfg: PipelineConfig, metrics: dict[str, Any] | None, checkpoint: str) -> list[str]:
+    from t2i.tasks.evaluate import fidelity_rows
+
+    if metrics is None:
+        return [f"Not evaluated: no finished `t2i evaluate` run of checkpoint `{checkpoint}`.", ""]
+    from t2i.models.sampling import resolve_sampler
+
+    e = cfg.evaluate
+    sampler = resolve_sampler(cfg.train.objective, e.sampler)
+    lines = [
+        f"Prompt set `{e.prompts}` ({e.num_prompts} prompts × {e.images_per_prompt}), sampler {sampler}, "
+        f"{e.steps} steps, guidance {e.guidance_scale}, checkpoint `{checkpoint}`.",
+        "",
+    ]
+    if "shapes" in metrics:
+        scores, chance = metrics["shapes"]["scores"], metrics["shapes"]["chance"]
+        lines += ["| category | score | chance |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {chance.get(k, float('nan')):.3f} |" for k, v in scores.items()]
+        lines.append("")
+    if rows := fidelity_rows(metrics):
+        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    if "benchmark_folder" in metrics:
+        kind = {"geneval": "GenEval", "dpg": "DPG-Bench"}[e.prompts.partition(":")[0]]
+        lines += [f"Samples were written in {kind}'s layout; score them with {kind}'s official scorer.", ""]
+    return lines
+
+
+def example_prompt(cfg: PipelineConfig) -> str:
+    if cfg.download.source.startswith("synthetic:shapes"):
+        return "a large red circle in the top left"
+    return "a photo of a red fox in the snow"
+
+
+def model_card(cfg: PipelineConfig, run, out: Path, location: str) -> None:
+    plan = Plan(cfg)
+    train = run.checkpoints.read_manifest()
+    arch = train["config"]["train"]["model"]
+    metrics = evaluation_of(plan, run.name)
+    grid = plan.evaluation.root / "grid.png"
+    if metrics is not None and grid.is_file():
+        shutil.copyfile(grid, out / "samples.png")
+    lines = [
+        *header(cfg, arch),
+        f"# t2i-imagenet `{cfg.preset}`: {ARCHITECTURES[arch].split(' (')[0]}",
+        "",
+        f"A text-to-image diffusion model trained with the recipe of *{PAPER}*: long captions written by a "
+        "vision-language model, CutMix composites, a diffusion transformer on VAE latents.",
+        "",
+        "## Training",
+        "",
+        *training_rows(cfg, plan, train),
+        "",
+        "## Evaluation",
+        "",
+        *evaluation_lines(cfg, metrics, run.name),
+        *(["![samples](samples.png)", ""] if (out / "samples.png").is_file() else []),
+        "## How to use",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{location}", trust_remote_code=True)',
+        f'image = pipe("{example_prompt(cfg)}", generator=torch.Generator().manual_seed(0)).images[0]',
+        "```",
+        "",
+        "`trust_remote_code` runs the architecture's code shipped in this folder (`transformer/`, `scheduler/`,",
+        "`t2i_pipeline.py`). Defaults: the sampler, steps and guidance the model was evaluated with.",
+        "",
+        "## Limitations",
+        "",
+        "- Trained only on the images above and their synthetic captions: subjects, styles and text rendering "
+        "outside that data are weak, and the captioner's mistakes and biases are learned too.",
+        f"- {cfg.latents.resolution} px only; no safety filter.",
+        "- The training images' terms of use apply to the weights (ImageNet: non-commercial research).",
+        "",
+        "## Provenance",
+        "",
+        f"Train run `{run.checkpoints.fingerprint}`, checkpoint `{run.name}`"
+        + (f", evaluation `{plan.evaluation.fingerprint}`" if metrics is not None else "")
+        + "; versions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(train.get("versions", {}).items()))
+        + ".",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
