@@ -58,6 +58,7 @@ def latent_norm_dict(norm: Any, channels: int) -> dict[str, list[float]]:
 def write_components(cfg: PipelineConfig, run, out: Path) -> None:
     """Denoiser, VAE, text encoder, tokenizer, scheduler and `model_index.json` into `out`."""
     import diffusers
+    import torch
     from transformers import AutoTokenizer, T5EncoderModel
 
     from t2i.models.denoiser import T2IDenoiser
@@ -72,7 +73,9 @@ def write_components(cfg: PipelineConfig, run, out: Path) -> None:
     run.vae.save_pretrained(out / "vae")
     text_cfg = meta["text_encoder"]
     path, revision = resolve_model(text_cfg["encoder"], cfg.workspace_path), text_cfg.get("revision")
-    T5EncoderModel.from_pretrained(path, revision=revision).save_pretrained(out / "text_encoder")
+    dtype = getattr(torch, text_cfg.get("dtype", "float32"))  # the dtype training computed embeddings in
+    encoder = T5EncoderModel.from_pretrained(path, revision=revision, dtype=dtype)
+    encoder.save_pretrained(out / "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     tokenizer.save_pretrained(out / "tokenizer")
     objective = meta.get("objective", "epsilon")
@@ -112,7 +115,7 @@ def export_model(
         )
     if out is not None and out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty folder that holds no exported model; choose another")
-    run = TrainedRun(cfg, checkpoint)
+    run = TrainedRun(cfg, checkpoint, device="cpu")  # copied to files, never run here
     if out is None:
         with tempfile.TemporaryDirectory(prefix="t2i-export-") as tmp:
             write_export(cfg, run, Path(tmp) / "model", repo)
@@ -145,8 +148,15 @@ def write_export(cfg: PipelineConfig, run, out: Path, repo: str | None) -> None:
 
 
 def push(folder: Path, repo: str, token: str, private: bool) -> None:
+    """Upload the folder; a failure is reported without the token (the exported folder stays)."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    api.create_repo(repo, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="Upload model exported by t2i")
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo, commit_message="Upload model exported by t2i"
+        )
+    except Exception as err:
+        message = f"{type(err).__name__}: {err}".replace(token, "***")
+        raise RuntimeError(f"push to the Hub repo {repo} failed: {message}") from None

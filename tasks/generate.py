@@ -8,6 +8,7 @@ seed + i))` on the exported folder (`t2i export-model`) gives the same images.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from t2i.data.store import atomic_path, fingerprint
 from t2i.flows.config import ConfigError, PipelineConfig, format_validation_error
 from t2i.flows.plan import MissingInput, Plan
+
+GRID_IMAGES = 64
 
 
 class GenerateRequest(BaseModel):
@@ -54,12 +57,12 @@ def read_prompts_file(path: str) -> list[str]:
 
 
 class TrainedRun:
-    """A finished training run's weights and the models that sample from them, as `t2i evaluate` loads them."""
+    """A finished training run's weights as `t2i evaluate` loads them, with the VAE and the prompt encoder
+    it samples with (each loaded when first used: an export needs no prompt encoder)."""
 
-    def __init__(self, cfg: PipelineConfig, checkpoint: str = "final") -> None:
-        from t2i.models.tiny import resolve_model
-        from t2i.tasks.evaluate import checkpoint_names, load_checkpoint, prompt_encoder
-        from t2i.tasks.model_cache import cached_model, pick_device
+    def __init__(self, cfg: PipelineConfig, checkpoint: str = "final", device: str | None = None) -> None:
+        from t2i.tasks.evaluate import checkpoint_names, load_checkpoint
+        from t2i.tasks.model_cache import pick_device
 
         self.cfg, self.checkpoints = cfg, Plan(cfg).checkpoints
         if not self.checkpoints.is_complete():
@@ -68,15 +71,25 @@ class TrainedRun:
                 f"run `t2i train --preset {cfg.preset}` (or `t2i run`) first"
             )
         self.name = checkpoint_names([checkpoint], self.checkpoints.root)[0]
-        device = pick_device(cfg.evaluate.device)
+        self.device = device or pick_device(cfg.evaluate.device)
         self.model, self.meta = load_checkpoint(
-            self.checkpoints.root, self.name, device, cfg.evaluate.use_ema
+            self.checkpoints.root, self.name, self.device, cfg.evaluate.use_ema
         )
-        self.vae = cached_model(
-            "vae", path=resolve_model(cfg.latents.vae, cfg.workspace_path), device=device, dtype="float32",
-            revision=cfg.latents.revision,
-        )  # fmt: skip
-        self.encoder = prompt_encoder(self.meta, cfg.workspace_path, device)
+
+    @functools.cached_property
+    def vae(self):
+        from t2i.models.tiny import resolve_model
+        from t2i.tasks.model_cache import cached_model
+
+        path = resolve_model(self.cfg.latents.vae, self.cfg.workspace_path)
+        revision = self.cfg.latents.revision
+        return cached_model("vae", path=path, device=self.device, dtype="float32", revision=revision)
+
+    @functools.cached_property
+    def encoder(self):
+        from t2i.tasks.evaluate import prompt_encoder
+
+        return prompt_encoder(self.meta, self.cfg.workspace_path, self.device)
 
     def sample(self, texts: list[str], steps: int, guidance: float, generator):
         from t2i.tasks.evaluate import sample_images
@@ -100,17 +113,19 @@ def generate(cfg: PipelineConfig, request: GenerateRequest, out: Path | None = N
     digest = fingerprint("generate", 1, settings, {"train": run.checkpoints.fingerprint})
     out = out or cfg.workspace_path / "generate" / digest
     out.mkdir(parents=True, exist_ok=True)
-    paths, images = [], []
+    paths, shown = [], []  # the grid shows the first GRID_IMAGES (a prompts file may hold thousands)
     for i, prompt in enumerate(request.prompts):
         generator = torch.Generator().manual_seed(request.seed + i)
         for k, px in enumerate(run.sample([prompt] * request.n, steps, guidance, generator)):
-            images.append(Image.fromarray(px))
+            image = Image.fromarray(px)
             paths.append(out / f"{i:03d}-{k:02d}.png")
             with atomic_path(paths[-1]) as tmp:
-                images[-1].save(tmp, format="PNG")
-    if len(images) > 1:
+                image.save(tmp, format="PNG")
+            if len(shown) < GRID_IMAGES:
+                shown.append(image)
+    if len(paths) > 1:
         with atomic_path(out / "grid.png") as tmp:
-            image_grid(images, columns=request.n, cell=images[0].width).save(tmp, format="PNG")
+            image_grid(shown, columns=request.n, cell=shown[0].width).save(tmp, format="PNG")
     record = {**settings, "checkpoint": run.name, "train": str(run.checkpoints.root)}
     with atomic_path(out / "request.json") as tmp:
         tmp.write_text(json.dumps(record, indent=1))

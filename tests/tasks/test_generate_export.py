@@ -163,3 +163,27 @@ def test_the_model_card_carries_the_evaluation_it_was_exported_from(exports, sma
     # the CAD-I run was never evaluated: its card says so instead of showing another run's numbers
     cad_card = (runs["cad"] / "README.md").read_text()
     assert "Not evaluated" in cad_card and "| overall |" not in cad_card
+
+
+def test_a_failed_push_keeps_the_export_and_never_shows_the_token(
+    small_pipeline, tmp_path, prefect_harness, monkeypatch, capsys
+):
+    """The token comes from the Prefect Secret `hf-token`; there is no Hub here, so the push fails."""
+    from prefect.blocks.system import Secret
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    ws, out = _copy(small_pipeline, tmp_path / "ws"), tmp_path / "export"
+    args = ["export-model", "--preset", "tiny", "--workspace", str(ws), *SETS, "--push-to-hub", "me/tiny"]
+    assert main(args) == 2  # no token: refused before any work
+    assert "needs a Hub token" in capsys.readouterr().err and not out.exists()
+    token = "hf_" + "x" * 30
+    Secret(value=token).save("hf-token", overwrite=True)
+    try:
+        assert main([*args, "--out", str(out)]) == 1
+    finally:
+        Secret(value="").save("hf-token", overwrite=True)
+    captured = capsys.readouterr()
+    assert "push to the Hub repo me/tiny failed" in captured.err
+    assert token not in captured.out + captured.err
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+    assert not any(token in p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
