@@ -32,6 +32,17 @@ def generate_flow(
     steps: int | None = None,
     checkpoint: str = "final",
 ) -> list[str]:
+    """Images from the training run that `cfg` names (its EMA weights), sampled as `evaluate` samples.
+
+    Args:
+        cfg: The configuration whose finished training run draws the images.
+        prompts: The prompts; each gets its own row of images.
+        n: Images per prompt.
+        seed: Prompt i's images are drawn with seed + i: the same values give the same images.
+        guidance: Guidance scale; None: the configuration's evaluate.guidance_scale.
+        steps: Sampling steps; None: the configuration's evaluate.steps.
+        checkpoint: 'final', or a kept 'step-NNNNNNNN' checkpoint.
+    """
     from PIL import Image
     from prefect.artifacts import create_image_artifact
 

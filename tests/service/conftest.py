@@ -81,6 +81,9 @@ class Service:
     def flow_runs(self, **flow_runs_filter) -> list[dict]:
         return self.api("/flow_runs/filter", {"flow_runs": flow_runs_filter, "sort": "START_TIME_ASC"})
 
+    def artifacts(self, run_id: str) -> list[dict]:
+        return self.api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+
     def run(self, run_id: str) -> dict:
         return self.api(f"/flow_runs/{run_id}")
 
@@ -93,11 +96,10 @@ class Service:
             time.sleep(2)
         raise AssertionError(f"flow run {run['name']} still {run['state_type']} after {timeout:.0f} s")
 
-    def start(self, deployment: str, cfg: dict, **params) -> str:
+    def start(self, deployment: str, cfg: dict) -> str:
         """Start a run of a deployment (what the UI's Run button does); returns its id."""
         dep = self.api(f"/deployments/name/{deployment}")
-        body = {"parameters": {"cfg": cfg, **params}}
-        return self.api(f"/deployments/{dep['id']}/create_flow_run", body)["id"]
+        return self.api(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"cfg": cfg}})["id"]
 
 
 def config(ws: Path, *overrides: str) -> dict:

@@ -4,6 +4,7 @@ one field changed, then Retry a failed run. Screenshots go to test-output/ui/.""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -59,8 +60,9 @@ def _wait_for_state(page, state: str, shot: str, timeout_s: float = 400) -> None
     page.screenshot(path=SHOTS / shot)
 
 
-def _field(page, label: str):
-    """The input (or textarea) of the form field whose label reads `label`."""
+def _field(page, label: str | re.Pattern):
+    """The input (or textarea) of the form field whose label reads `label` (a regex where one label's text
+    is inside another's)."""
     header = page.locator("label.p-label__label", has_text=label).first
     return (
         header.locator("xpath=ancestor::*[contains(concat(' ', @class, ' '), ' p-label ')][1]")
@@ -109,3 +111,33 @@ def test_start_the_pipeline_from_its_form_and_retry_a_failed_run(service, small_
     _wait_for_state(page, "Completed", "4-retried-completed.png")
     assert service.run(failed)["run_count"] == 2
     assert Plan(PipelineConfig.model_validate(failing)).images.read_manifest()["rows"] == 8
+
+
+def test_images_from_the_generate_form_show_in_the_run_artifacts(service, small_pipeline, page):
+    """A prompt typed into the `generate` deployment's form: the run's Artifacts tab lists an image per
+    prompt, and opening it draws the images."""
+    root = service.url.removesuffix("/api")
+    shutil.copytree(small_pipeline, service.root / "ui-generate-ws", symlinks=True)
+    deployment = service.api("/deployments/name/generate/tiny")
+    known = {r["id"] for r in service.flow_runs()}
+    page.goto(f"{root}/deployments/deployment/{deployment['id']}/run")
+    _field(page, "Workspace (Optional)").fill(str(service.root / "ui-generate-ws"))
+    _field(page, re.compile(r"^prompts \(Optional\)$")).fill("two small blue squares")
+    page.screenshot(path=SHOTS / "5-generate-form.png")
+    page.get_by_role("button", name="Submit").click()
+    deadline = time.time() + 60
+    while not (new := [r for r in service.flow_runs() if r["id"] not in known]) and time.time() < deadline:
+        time.sleep(1)
+    (run,) = [r for r in new if r["deployment_id"] == deployment["id"]]
+    page.goto(f"{root}/runs/flow-run/{run['id']}")
+    _wait_for_state(page, "Completed", "6-generate-completed.png", timeout_s=300)
+    (artifact,) = [a for a in service.artifacts(run["id"]) if a["type"] == "image"]
+    assert artifact["description"] == "two small blue squares"
+    assert artifact["data"].startswith("data:image/png;base64,")  # shown without the server serving files
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("two small blue squares", exact=True).first.click()
+    image = page.locator('img[src^="data:image/png"]').first
+    image.wait_for()
+    page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=image.element_handle())
+    assert page.evaluate("e => [e.naturalWidth, e.naturalHeight]", image.element_handle()) == [4 * 128, 128]
+    page.screenshot(path=SHOTS / "7-generated-images.png")
