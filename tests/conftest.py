@@ -30,14 +30,16 @@ T2I = str(Path(sys.executable).with_name("t2i"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-PIPELINE_FIXTURES = {"small_pipeline", "small_pipeline_run", "service"}
-
-
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks to group the tests
 def pytest_collection_modifyitems(items):
-    """Under `pytest -n N --dist loadgroup` (make test), the tests that share the reference pipeline run or the
-    service fixture go to one worker, so each session fixture is built once."""
+    """Under `pytest -n N --dist loadgroup` (make test), the tests of the service (server, pool, workers) run
+    on one worker and the other users of the reference pipeline run on one worker, so each session fixture
+    is built once per group, and the two groups can run side by side."""
     for item in items:
-        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if "service" in names:
+            item.add_marker(pytest.mark.xdist_group("service"))
+        elif names & {"small_pipeline", "small_pipeline_run"}:
             item.add_marker(pytest.mark.xdist_group("pipeline"))
 
 

@@ -119,16 +119,16 @@ def test_images_from_the_generate_form_show_in_the_run_artifacts(service, small_
     root = service.url.removesuffix("/api")
     shutil.copytree(small_pipeline, service.root / "ui-generate-ws", symlinks=True)
     deployment = service.api("/deployments/name/generate/tiny")
-    known = {r["id"] for r in service.flow_runs()}
     page.goto(f"{root}/deployments/deployment/{deployment['id']}/run")
     _field(page, "Workspace (Optional)").fill(str(service.root / "ui-generate-ws"))
     _field(page, re.compile(r"^prompts \(Optional\)$")).fill("two small blue squares")
     page.screenshot(path=SHOTS / "5-generate-form.png")
     page.get_by_role("button", name="Submit").click()
-    deadline = time.time() + 60
-    while not (new := [r for r in service.flow_runs() if r["id"] not in known]) and time.time() < deadline:
-        time.sleep(1)
-    (run,) = [r for r in new if r["deployment_id"] == deployment["id"]]
+    try:  # a submitted form leaves for the deployment's page
+        page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+$"), timeout=60_000)
+    finally:
+        page.screenshot(path=SHOTS / "5-generate-submitted.png")
+    (run,) = service.flow_runs(deployment_id={"any_": [deployment["id"]]})
     page.goto(f"{root}/runs/flow-run/{run['id']}")
     _wait_for_state(page, "Completed", "6-generate-completed.png", timeout_s=300)
     (artifact,) = [a for a in service.artifacts(run["id"]) if a["type"] == "image"]
