@@ -11,6 +11,7 @@ from t2i.flows.config import PipelineConfig
 from t2i.tasks.shards import publish_markdown, run_logger
 
 DEFAULT_PROMPTS = ["a large red circle in the top left"]
+ARTIFACT_PROMPTS = 16  # image artifacts live in the server's database: the rest are on disk only
 
 
 def data_url(image) -> str:
@@ -53,15 +54,16 @@ def generate_flow(
         prompts=prompts, n=n, seed=seed, guidance=guidance, steps=steps, checkpoint=checkpoint
     )
     paths = generate(cfg, request)
-    for i, prompt in enumerate(request.prompts):
+    for i, prompt in enumerate(request.prompts[:ARTIFACT_PROMPTS]):
         images = [Image.open(p).convert("RGB") for p in paths[i * request.n : (i + 1) * request.n]]
         grid = image_grid(images, columns=request.n, cell=max(images[0].width, 128))
         create_image_artifact(image_url=data_url(grid), description=prompt)
-    rows = "\n".join(f"| {p} | `{paths[i * request.n].parent}` |" for i, p in enumerate(request.prompts))
-    publish_markdown(
-        f"# Generated\n\n| prompt | folder |\n|---|---|\n{rows}\n",
-        key="generate",
-        description="Generated images",
+    folder = paths[0].parent
+    rows = "\n".join(
+        f"| {i} | {p.replace('|', '/')} | `{i:03d}-*.png` |" for i, p in enumerate(request.prompts)
     )
-    run_logger().info(f"[generate] {len(paths)} images in {paths[0].parent}")
+    table = f"# Generated\n\nFolder: `{folder}`\n\n| # | prompt | files |\n|---|---|---|\n{rows}\n"
+    publish_markdown(table, key="generate", description="Generated images")
+    shown = min(len(request.prompts), ARTIFACT_PROMPTS)
+    run_logger().info(f"[generate] {len(paths)} images in {folder}; artifacts for {shown} prompt(s)")
     return [str(p) for p in paths]
