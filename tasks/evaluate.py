@@ -286,13 +286,7 @@ def evaluate_checkpoint(
                 "(`huggingface-cli download <id>`), point the field at a local folder, or set it to null"
             ) from exc
     jobs = [(p, k) for p in prompts for k in range(cfg.images_per_prompt)]
-    vae = cached_model(
-        "vae",
-        path=resolve_model(latents_cfg.vae, artifact.workspace),
-        device=device,
-        dtype="float32",
-        revision=latents_cfg.revision,
-    )
+    vae = decoding_vae(latents_cfg, artifact.workspace, device)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         model, meta = load_checkpoint(checkpoints.root, name, device, cfg.use_ema)
@@ -348,6 +342,12 @@ def sample_prompts(
             _save_png(Image.fromarray(px), paths[(p.index, k)])
         progress.advance(f"({len(batch)} images)")
     return paths
+
+
+def decoding_vae(latents_cfg: LatentsConfig, workspace: Path, device: str):
+    """The VAE of the latents stage, in float32, that decodes samples to pixels."""
+    path = resolve_model(latents_cfg.vae, workspace)
+    return cached_model("vae", path=path, device=device, dtype="float32", revision=latents_cfg.revision)
 
 
 def prompt_encoder(meta: dict[str, Any], workspace: Path, device: str) -> OnlineText:
@@ -426,15 +426,9 @@ def render_report(cfg: EvaluateConfig, metrics: dict[str, Any], checkpoints: Art
         f"- sampler: {cfg.sampler}, {cfg.steps} steps, guidance {cfg.guidance_scale}, seed {cfg.seed}",
         "",
     ]
-    if "shapes" in metrics:
-        scores, chance = metrics["shapes"]["scores"], metrics["shapes"]["chance"]
-        lines += ["| category | score | chance |", "|---|---|---|"]
-        for key in scores:
-            lines.append(f"| {key} | {scores[key]:.3f} | {chance.get(key, float('nan')):.3f} |")
-        lines.append("")
-    if "fidelity" in metrics or "clip_score" in metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value} |" for name, value in fidelity_rows(metrics)]
+    lines += shapes_table(metrics)
+    if rows := fidelity_table(metrics):
+        lines += rows[:-1]
         if "fidelity" in metrics:
             lines += ["", f"_{metrics['fidelity']['note']}_"]
         lines.append("")
@@ -442,6 +436,24 @@ def render_report(cfg: EvaluateConfig, metrics: dict[str, Any], checkpoints: Art
         lines += comparison_table(metrics["checkpoints"]) + [""]
     lines += ["![samples](grid.png)", ""]
     return "\n".join(lines)
+
+
+def shapes_table(metrics: dict[str, Any]) -> list[str]:
+    """The shapes scorer's categories against chance as markdown lines (ending with a blank one), or none."""
+    if "shapes" not in metrics:
+        return []
+    scores, chance = metrics["shapes"]["scores"], metrics["shapes"]["chance"]
+    lines = ["| category | score | chance |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.3f} | {chance.get(k, float('nan')):.3f} |" for k, v in scores.items()]
+    return [*lines, ""]
+
+
+def fidelity_table(metrics: dict[str, Any]) -> list[str]:
+    """FID/KID/precision-recall/IS and CLIPScore as markdown lines (ending with a blank one), or none."""
+    rows = fidelity_rows(metrics)
+    if not rows:
+        return []
+    return ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
 
 
 def fidelity_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:

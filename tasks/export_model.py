@@ -50,9 +50,11 @@ def copy_code(out: Path) -> None:
 
 
 def latent_norm_dict(norm: Any, channels: int) -> dict[str, list[float]]:
-    if isinstance(norm, dict):
-        return {"shift": list(norm["shift"]), "scale": list(norm["scale"])}
-    return {"shift": [0.0] * channels, "scale": [float(norm)] * channels}
+    """The run's latent normalisation as per-channel lists (a single scale becomes C equal ones)."""
+    from t2i.tasks.train import latent_norm_tensors
+
+    shift, scale = latent_norm_tensors(norm, channels)
+    return {"shift": shift.flatten().tolist(), "scale": scale.flatten().tolist()}
 
 
 def write_components(cfg: PipelineConfig, run, out: Path) -> None:

@@ -78,12 +78,9 @@ class TrainedRun:
 
     @functools.cached_property
     def vae(self):
-        from t2i.models.tiny import resolve_model
-        from t2i.tasks.model_cache import cached_model
+        from t2i.tasks.evaluate import decoding_vae
 
-        path = resolve_model(self.cfg.latents.vae, self.cfg.workspace_path)
-        revision = self.cfg.latents.revision
-        return cached_model("vae", path=path, device=self.device, dtype="float32", revision=revision)
+        return decoding_vae(self.cfg.latents, self.cfg.workspace_path, self.device)
 
     @functools.cached_property
     def encoder(self):

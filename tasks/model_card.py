@@ -60,7 +60,7 @@ def training_rows(cfg: PipelineConfig, plan: Plan, train: dict[str, Any]) -> lis
 
 
 def evaluation_lines(cfg: PipelineConfig, metrics: dict[str, Any] | None, checkpoint: str) -> list[str]:
-    from t2i.tasks.evaluate import fidelity_rows
+    from t2i.tasks.evaluate import fidelity_table, shapes_table
 
     if metrics is None:
         return [f"Not evaluated: no finished `t2i evaluate` run of checkpoint `{checkpoint}`.", ""]
@@ -73,13 +73,7 @@ def evaluation_lines(cfg: PipelineConfig, metrics: dict[str, Any] | None, checkp
         f"{e.steps} steps, guidance {e.guidance_scale}, checkpoint `{checkpoint}`.",
         "",
     ]
-    if "shapes" in metrics:
-        scores, chance = metrics["shapes"]["scores"], metrics["shapes"]["chance"]
-        lines += ["| category | score | chance |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.3f} | {chance.get(k, float('nan')):.3f} |" for k, v in scores.items()]
-        lines.append("")
-    if rows := fidelity_rows(metrics):
-        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    lines += shapes_table(metrics) + fidelity_table(metrics)
     if "benchmark_folder" in metrics:
         kind = {"geneval": "GenEval", "dpg": "DPG-Bench"}[e.prompts.partition(":")[0]]
         lines += [f"Samples were written in {kind}'s layout; score them with {kind}'s official scorer.", ""]
