@@ -9,6 +9,7 @@ so a shard and its rejects appear together or not at all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -233,7 +234,7 @@ def atomic_path(final: Path):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{_TMP_PREFIX}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
+    tmp = final.parent / f"{_TMP_PREFIX}{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
     try:
         yield tmp
         if tmp.is_file():
@@ -247,16 +248,22 @@ def atomic_path(final: Path):
             tmp.unlink(missing_ok=True)
 
 
-def _host_tag() -> str:
-    """8 hex characters naming this host; hashed because hostnames may contain '-'."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+@functools.cache
+def host_tag() -> str:
+    """8 hex characters naming this machine as its processes see it: the host name and the pid namespace (two
+    containers that share a host name cannot check each other's pids); hashed because names may contain '-'."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
 
 
 def _tmp_owner(name: str) -> tuple[str, int | None]:
     """(host tag, pid) of a temporary's writer. Old `.tmp-<pid>-...` names count as this host's: a pid never
     has 8 digits, so a leading 8-character hex field is always a host tag."""
     fields = name[len(_TMP_PREFIX) :].split("-", 2)
-    host = _host_tag()
+    host = host_tag()
     if len(fields) > 1 and len(fields[0]) == 8 and all(c in "0123456789abcdef" for c in fields[0]):
         host, fields = fields[0], fields[1:]
     return host, int(fields[0]) if fields[0].isdigit() else None
@@ -266,9 +273,9 @@ def _is_stale(path: Path) -> bool:
     """This host's temporary: stale when its writer's pid is dead (never our own). Another host's (a shared
     filesystem such as NFS or Lustre): its pid means nothing here, so stale only after a long quiet time."""
     host, pid = _tmp_owner(path.name)
-    if host != _host_tag():
+    if host != host_tag():
         return time.time() - _newest_mtime(path) > FOREIGN_STALE_SECONDS
-    return pid != os.getpid() and (pid is None or not _pid_alive(pid))
+    return pid != os.getpid() and (pid is None or not pid_alive(pid))
 
 
 def _newest_mtime(path: Path) -> float:
@@ -288,7 +295,7 @@ def _mtime(path: Path) -> float:
         return time.time()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("part", "gpus", "workers"):
         if getattr(args, flag, None) is not None:
             args.overrides.append(f"{args.command}.{flag}={getattr(args, flag)}")
+    if args.command == "deploy":  # the runs its deployments start fan out over them (cluster.parts)
+        args.overrides.append(f"cluster.deployment={args.name or args.preset}")
     try:
         cfg = load_config(args.preset, args.overrides, args.workspace)
     except ConfigError as err:
@@ -282,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"t2i ablate: done in {time.time() - started:.1f}s")
             print(result["summary"])  # last line: class: A, vlm: B, vlm+cutmix: C
             return 0
+        if args.command in ("run", "recaption", "latents"):
+            from t2i.flows.parts import check_fan_out
+
+            check_fan_out(cfg)  # before a temporary server starts or any stage runs
         if args.command == "run":
             from t2i.flows.pipeline import pipeline_flow
 

@@ -69,20 +69,39 @@ ShardPart = Annotated[str, Field(pattern=r"^\d+/\d+$"), AfterValidator(_valid_pa
 
 
 class ClusterConfig(StageConfig):
-    """How a run started from a deployment spreads over the pool's workers (`t2i deploy`, `t2i worker`)."""
+    """How a stage's work spreads: over a pool's workers (`t2i deploy`, `t2i worker`), and over the nodes and
+    runs that share one workspace (every shard is claimed before it is computed, so each is computed once)."""
 
     parts: int = Field(
         1,
         ge=1,
         le=1024,
         description="Child runs each sharded GPU stage (recaption, latents) starts when run from a deployment, "
-        "one per part k/n of the shards, each picked up by a free worker; 1: the run does every shard itself.",
+        "one per part k/n of the shards, each picked up by a free worker; 1: the run does every shard itself. "
+        "Needs `deployment` (set by `t2i deploy`); on the command line, split with --part k/n instead.",
     )
     deployment: str | None = Field(
         None,
         description="Deployment name the parts are started from (set by `t2i deploy`); empty: no fan-out, "
         "every stage runs in-process.",
     )
+    claim_timeout: float = Field(
+        300.0,
+        ge=5.0,
+        description="Seconds after which a shard claimed by another machine that stopped refreshing its claim "
+        "(a dead node) is taken over. A dead process's claims on this machine are taken over at once. Keep it "
+        "well above NFS attribute caching (60 s) and clock skew between nodes.",
+    )
+
+    @model_validator(mode="after")
+    def _parts_need_a_deployment(self) -> ClusterConfig:
+        if self.parts > 1 and not self.deployment:
+            raise ValueError(
+                f"parts={self.parts} starts child runs of a deployment, and cluster.deployment is not set: "
+                "deploy with `t2i deploy --set cluster.parts=N` and start runs there, or split a command-line "
+                "run with --part k/n (or run the same command on several machines: they share the shards)"
+            )
+        return self
 
 
 class DownloadConfig(StageConfig):
@@ -177,7 +196,12 @@ class RecaptionConfig(StageConfig):
         None, description="import backend: caption column (default: detected)."
     )
     # runtime: how the work is spread, never what it produces
-    max_num_seqs: int = Field(64, ge=1, description="vLLM: sequences decoded concurrently.")
+    max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM: sequences decoded concurrently. None: vLLM's own offline default (1024 on an H100/H200, "
+        "256 on smaller GPUs and on CPU), which the KV cache then limits; set it only to cap memory.",
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM: share of GPU memory.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per engine.")
     limit_mm_per_prompt: int = Field(1, ge=1, description="vLLM: images per prompt.")

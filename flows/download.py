@@ -7,29 +7,29 @@ workspace alone. `relist` lists a folder (or loads a dataset) again, for a sourc
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from t2i.data.listing import shard_items
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
-from t2i.flows.stage_runner import run_sharded_stage
+from t2i.flows.stage_runner import ShardSet, in_process, run_stage
 from t2i.tasks.download import download_shard
 
 
 @flow(name="download", description="Fetch and decode images into Parquet shards.", log_prints=True)
 def download_flow(cfg: PipelineConfig, relist: bool = False) -> dict[str, Any]:
     plan = Plan(cfg, relist=relist)
-    artifact, size = plan.images, cfg.download.shard_size
+    size, opening = cfg.download.shard_size, threading.Lock()
     source, order = functools.cache(plan.open_source), functools.cache(plan.item_order)
     runner = download_shard.with_options(task_run_name="download-{index}")
 
-    def submit(i: int):
-        items = shard_items(order(), i, size)
-        params = dict(cfg=cfg.download, artifact=artifact, index=i, source=source(), items=items)
-        return pool.submit(runner, parameters=params)
+    def run(s: ShardSet, i: int, _next: int | None):
+        with opening:  # the lanes' first shards would otherwise open the source once each
+            opened, items = source(), shard_items(order(), i, size)
+        return runner(cfg=cfg.download, artifact=s.artifact, index=i, source=opened, items=items)
 
     def extra() -> dict[str, Any]:
         summary = plan.source_summary
@@ -40,5 +40,6 @@ def download_flow(cfg: PipelineConfig, relist: bool = False) -> dict[str, Any]:
             "listing": listing,
         }
 
-    with ThreadPoolTaskRunner(max_workers=cfg.download.workers) as pool:
-        return run_sharded_stage("download", artifact, plan.num_shards, submit, concurrent=True, extra=extra)
+    shards = ShardSet("download", plan.images, plan.num_shards, list(range(plan.num_shards)), summary=extra)
+    compute = in_process(run, lanes=cfg.download.workers)
+    return run_stage([shards], compute, cfg.cluster.claim_timeout)[0]

@@ -1,4 +1,7 @@
-"""The evaluate flow: the trained EMA weights + a prompt set → images, grid, metrics.json, report.md."""
+"""The evaluate flow: the trained EMA weights + a prompt set → images, grid, metrics.json, report.md.
+
+It runs once per artifact: started on several machines at once (or by the nodes of one `t2i run`), the first to
+claim it evaluates and the others wait for its manifest."""
 
 from __future__ import annotations
 
@@ -7,10 +10,12 @@ from typing import Any
 
 from prefect import flow
 
+from t2i.data.claims import ShardClaims
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
-from t2i.flows.stage_runner import skipped_summary
+from t2i.flows.stage_runner import skipped_summary, write_once
 from t2i.tasks.evaluate import evaluate_checkpoint
+from t2i.tasks.shards import run_logger
 
 
 @flow(name="evaluate", description="Sample prompts with CFG and score the images.", log_prints=True)
@@ -21,11 +26,18 @@ def evaluate_flow(cfg: PipelineConfig) -> dict[str, Any]:
     if artifact.is_complete():
         return skipped_summary("evaluate", artifact)
     started = time.time()
-    metrics = evaluate_checkpoint(cfg.evaluate, cfg.latents, artifact, checkpoints)
-    artifact.write_manifest(
-        config=artifact.extra["config"],
-        inputs=artifact.extra["inputs"],
-        started=started,
-        extra={"metrics": metrics},
-    )
-    return {"stage": "evaluate", "path": str(artifact.root), "skipped": False, "metrics": metrics}
+
+    def evaluate() -> None:
+        metrics = evaluate_checkpoint(cfg.evaluate, cfg.latents, artifact, checkpoints)
+        artifact.write_manifest(
+            config=artifact.extra["config"],
+            inputs=artifact.extra["inputs"],
+            started=started,
+            extra={"metrics": metrics},
+        )
+
+    artifact.root.mkdir(parents=True, exist_ok=True)
+    claims = ShardClaims(artifact.root, cfg.cluster.claim_timeout, run_logger())
+    wrote = write_once(artifact, claims, evaluate, "evaluate")
+    metrics = artifact.read_manifest()["metrics"]
+    return {"stage": "evaluate", "path": str(artifact.root), "skipped": not wrote, "metrics": metrics}

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
     from t2i.flows.config import PipelineConfig
+    from t2i.flows.plan import Plan
 
 PARTS_QUEUE = "parts"  # the pool's queue for parts: `t2i worker` serves it with one worker per GPU group
 POLL_SECONDS = 3.0
@@ -44,6 +45,46 @@ def fans_out(cfg: PipelineConfig, part: str) -> bool:
     """A run fans out when it came from a deployment (`cluster.deployment`, filled in by `t2i deploy`), asks
     for several parts, and is not itself a part."""
     return bool(cfg.cluster.deployment) and cfg.cluster.parts > 1 and part == "1/1"
+
+
+def check_fan_out(cfg: PipelineConfig) -> None:
+    """A config that asks for parts must be able to start them, which is checked before any work: a Prefect
+    server (a command-line run on a temporary server has none that workers could reach) that holds the
+    deployments the parts are runs of. Raises RuntimeError naming what is missing."""
+    if cfg.cluster.parts <= 1 or not cfg.cluster.deployment:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    name, url = cfg.cluster.deployment, PREFECT_API_URL.value()
+    if not url:
+        raise RuntimeError(
+            f"cluster.parts={cfg.cluster.parts} starts child runs of the deployment '{name}' on a Prefect "
+            "server, and PREFECT_API_URL is not set"
+        )
+    with get_client(sync_client=True) as client:
+        for stage in ("recaption", "latents"):
+            try:
+                client.read_deployment_by_name(f"{stage}/{name}")
+            except ObjectNotFound:
+                raise RuntimeError(
+                    f"cluster.parts={cfg.cluster.parts} starts runs of '{stage}/{name}', which the server at "
+                    f"{url} does not have: run `t2i deploy --pool POOL --name {name}` with this config first"
+                ) from None
+
+
+def run_parts_if_asked(stage: str, cfg: PipelineConfig, plan: Plan) -> None:
+    """Before a `recaption` or `latents` run does its own work: if it fans out, check it can, check its inputs
+    (a missing one fails here, not in every part) and run its parts; it then finds their shards on disk and
+    writes the manifests."""
+    if not fans_out(cfg, getattr(cfg, stage).part):
+        return
+    from t2i.flows.config import with_overrides
+
+    check_fan_out(cfg)
+    plan.require_inputs(stage)
+    run_parts(stage, cfg, lambda k, n: with_overrides(cfg, [f"{stage}.part={k}/{n}"]))
 
 
 def run_parts(stage: str, cfg: PipelineConfig, part_config: Callable[[int, int], PipelineConfig]) -> None:

@@ -1,21 +1,22 @@
 """The recaption flow: `images` shards → `captions` shards aligned 1:1 (vLLM, transformers, template or
-imported captions), on one engine in-process or one engine per GPU group in worker processes, optionally
-for one part k/n of the shards (several machines), or fanned out as child runs over a pool's workers."""
+imported captions), for the images and the composites in one pass: one engine in-process, or one engine per
+GPU group in worker processes that caption both sets. Shards are claimed in the workspace, so several machines
+running it share the work; a run can also take one part k/n, or fan out as child runs over a pool's workers."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
 
-from t2i.data.store import Artifact
-from t2i.flows.config import PipelineConfig, with_overrides
-from t2i.flows.parts import fans_out, part_shards, run_parts
+from t2i.flows.config import PipelineConfig
+from t2i.flows.parts import part_shards, run_parts_if_asked
 from t2i.flows.plan import Plan
-from t2i.flows.stage_runner import StageRun, run_on_devices, skipped_summary
+from t2i.flows.stage_runner import ShardSet, in_process, on_devices, run_stage
 from t2i.tasks.recaption import caption_summary, engine_groups, recaption_shard, summary_markdown
 from t2i.tasks.shards import publish_markdown, run_logger
+
+LABELS = {"download": "recaption", "cutmix": "recaption-composites"}
 
 
 @flow(
@@ -24,45 +25,51 @@ from t2i.tasks.shards import publish_markdown, run_logger
     log_prints=True,
 )
 def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
-    plan = Plan(cfg)
-    if fans_out(cfg, cfg.recaption.part):  # the parts caption every shard; this run then writes the summary
-        plan.require_inputs("recaption")  # a missing input fails here, not in every part
-        run_parts("recaption", cfg, lambda k, n: with_overrides(cfg, [f"recaption.part={k}/{n}"]))
-    summaries = {name: caption_image_set(cfg, plan, name, images) for name, images in plan.image_sets()}
-    return {**summaries["download"], "composites": summaries.get("cutmix")}
+    plan, rc = Plan(cfg), cfg.recaption
+    run_parts_if_asked("recaption", cfg, plan)
+    sets = []
+    for name, images in plan.image_sets():
+        captions = plan.captions_of(images)
+        if not captions.is_complete():
+            images = plan.require(name, images)
 
+        def summary(captions=captions, images=images) -> dict[str, Any]:
+            return caption_summary(captions, plan.num_shards, rc, images)
 
-def caption_image_set(cfg: PipelineConfig, plan: Plan, name: str, images: Artifact) -> dict[str, Any]:
-    images = plan.require(name, images)
-    artifact = plan.captions_of(images)
-    label = "recaption" if name == "download" else "recaption-composites"
-    if artifact.is_complete():
-        return skipped_summary(label, artifact)
-    rc = cfg.recaption
-    run = StageRun(label, artifact, plan.num_shards, part_shards(plan.num_shards, rc.part_index))
+        shards = part_shards(plan.num_shards, rc.part_index)
+        sets.append(ShardSet(LABELS[name], captions, plan.num_shards, shards, images, summary))
     groups = engine_groups(rc)
-    if len(groups) == 1:
-        runner = recaption_shard.with_options(task_run_name=f"{label}-{{index}}")
-        for pos, index in enumerate(run.todo):
-            t0 = time.time()
-            nxt = run.todo[pos + 1] if pos + 1 < len(run.todo) else None
-            run.report(
-                runner(cfg=rc, artifact=artifact, index=index, images=images, next_index=nxt),
-                time.time() - t0,
-            )
-    elif run.todo:
-        run_on_devices("recaption", run, rc, images, groups)
-    summary = run.finish(lambda: caption_summary(artifact, plan.num_shards, rc, images))
-    if summary["complete"]:
-        manifest = {**artifact.read_manifest(), "path": str(artifact.root)}
-        truth = summary["ground_truth"] = manifest.get("ground_truth")
-        if truth:
-            details = ", ".join(
-                f"{k} {100 * v:.1f}%" for k, v in truth.items() if k not in ("images", "exact")
-            )
-            run_logger().info(
-                f"[{label}] against ground truth: {100 * truth['exact']:.1f}% exact captions ({details}) "
-                f"over {truth['images']} images"
-            )
-        publish_markdown(summary_markdown(manifest), key=f"{label}-summary", description="Recaption summary")
-    return summary
+    compute = (
+        on_devices("recaption", rc, groups)
+        if len(groups) > 1
+        else in_process(_in_process(rc), lookahead=True)
+    )
+    summaries = run_stage(sets, compute, cfg.cluster.claim_timeout)
+    for s, summary in zip(sets, summaries, strict=True):
+        if summary["complete"] and not summary["skipped"]:
+            _report(s, summary)
+    return {**summaries[0], "composites": summaries[1] if len(summaries) > 1 else None}
+
+
+def _in_process(rc):
+    runners = {
+        label: recaption_shard.with_options(task_run_name=f"{label}-{{index}}") for label in LABELS.values()
+    }
+
+    def run(s: ShardSet, i: int, nxt: int | None):
+        return runners[s.label](cfg=rc, artifact=s.artifact, index=i, images=s.source, next_index=nxt)
+
+    return run
+
+
+def _report(s: ShardSet, summary: dict[str, Any]) -> None:
+    """The captions' accuracy against ground truth (shapes world) in the log, the summary as a UI artifact."""
+    manifest = {**s.artifact.read_manifest(), "path": str(s.artifact.root)}
+    truth = summary["ground_truth"] = manifest.get("ground_truth")
+    if truth:
+        details = ", ".join(f"{k} {100 * v:.1f}%" for k, v in truth.items() if k not in ("images", "exact"))
+        run_logger().info(
+            f"[{s.label}] against ground truth: {100 * truth['exact']:.1f}% exact captions ({details}) "
+            f"over {truth['images']} images"
+        )
+    publish_markdown(summary_markdown(manifest), key=f"{s.label}-summary", description="Recaption summary")

@@ -24,13 +24,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from t2i.flows.config import PipelineConfig
 from t2i.flows.parts import PARTS_QUEUE
+from t2i.tasks.device_workers import gpu_groups
 
 DEFAULT_QUEUE = "default"
 HEARTBEAT_SECONDS = 30  # Prefect's minimum; its default (180 s) would take 9 minutes to notice a dead run
+STOP_GRACE = 20.0  # seconds a stopping worker and its runs get after SIGTERM, before SIGKILL
 CRASH_AFTER = 150  # no heartbeat (nor any other event) of a Running run for this long: mark it Crashed
 ZOMBIE_AUTOMATION = "t2i: crash runs whose heartbeats stopped"
 
@@ -141,26 +145,23 @@ def require_server(command: str) -> None:
         )
 
 
-def gpu_groups(gpus: str | None, per_part: int) -> list[str]:
-    """'0,1,2,3' with 2 GPUs a part → ['0,1', '2,3']; no --gpus: every visible GPU; none (a CPU machine):
-    one group that sets no CUDA_VISIBLE_DEVICES."""
+def parse_gpus(gpus: str | None) -> list[int] | None:
+    """'0,1,2,3' → [0, 1, 2, 3]: ordinals among the visible GPUs (as `cuda:N` counts them); None: all."""
     if gpus is None:
-        import torch
-
-        ids = [str(i) for i in range(torch.cuda.device_count())]
-    else:
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not ids:
-        return [""]
-    if len(ids) % per_part:
-        raise ValueError(f"--gpus-per-part {per_part} does not divide the {len(ids)} GPUs {','.join(ids)}")
-    return [",".join(ids[i : i + per_part]) for i in range(0, len(ids), per_part)]
+        return None
+    try:
+        return [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--gpus takes GPU numbers separated by commas, e.g. 0,1,2,3; got {gpus!r}"
+        ) from None
 
 
 def worker_commands(
-    pool: str, groups: list[str], limit: int, host: str
+    pool: str, groups: list[list[str] | None], limit: int, host: str
 ) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(name, argv, extra env) of each Prefect worker this machine runs, named after `host`."""
+    """(name, argv, extra env) of each Prefect worker this machine runs, named after `host`: one for whole runs,
+    one per GPU group for parts (a CPU machine's one group, None, sets no CUDA_VISIBLE_DEVICES)."""
     prefect = str(Path(sys.executable).with_name("prefect"))
 
     def argv(name: str, queue: str, k: int) -> list[str]:
@@ -169,16 +170,20 @@ def worker_commands(
 
     commands = [(f"{host}-runs", argv(f"{host}-runs", DEFAULT_QUEUE, limit), {})]
     for group in groups:
-        name = f"{host}-gpu{group.replace(',', '+')}" if group else f"{host}-cpu"
-        env = {"CUDA_VISIBLE_DEVICES": group} if group else {}
+        name = f"{host}-gpu{'+'.join(group)}" if group else f"{host}-cpu"
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(group)} if group else {}
         commands.append((name, argv(name, PARTS_QUEUE, 1), env))
     return commands
 
 
-def run_workers(pool: str, gpus: str | None, per_part: int, limit: int, name: str | None = None) -> int:
-    """Start this machine's workers and wait; Ctrl-C or SIGTERM stops them all. Returns the first non-zero
-    exit status, or 0."""
-    groups = gpu_groups(gpus, per_part)  # a bad GPU list fails before anything is contacted or started
+def run_workers(
+    pool: str, gpus: str | None, per_part: int, limit: int, name: str | None = None, grace: float = STOP_GRACE
+) -> int:
+    """Start this machine's workers and wait. Ctrl-C or SIGTERM stops them all, with the runs they are running:
+    each worker's process group (the worker and its runs) gets SIGTERM once, and whatever is left after
+    `grace` seconds gets SIGKILL. Each worker runs in a session of its own, so a terminal's Ctrl-C reaches
+    only this process, which signals each worker once. Returns the first non-zero exit status, or 0."""
+    groups = gpu_groups(per_part, parse_gpus(gpus))  # a bad GPU list fails before anything starts
     require_server("t2i worker")
     env = {**os.environ}
     env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
@@ -186,17 +191,31 @@ def run_workers(pool: str, gpus: str | None, per_part: int, limit: int, name: st
     host = name or socket.gethostname()
     for worker, argv, extra in worker_commands(pool, groups, limit, host):
         print(f"t2i worker: {worker} on pool {pool!r} ({' '.join(argv[2:])})", flush=True)
-        procs.append(subprocess.Popen(argv, env={**env, **extra}))
-
-    def stop(signum, _frame) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+        procs.append(subprocess.Popen(argv, env={**env, **extra}, start_new_session=True))
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    while not stopping.wait(0.5) and any(p.poll() is None for p in procs):
+        pass
+    if stopping.is_set():
+        print("t2i worker: stopping the workers and their runs", flush=True)
+        _stop_groups(procs, grace)
     codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
+    return 0 if stopping.is_set() else next((c for c in codes if c), 0)
+
+
+def _stop_groups(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to each worker's process group once; SIGKILL to what is left after `grace` seconds."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:  # the worker, and any run it left behind in its group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def run_server(host: str, port: int) -> None:

@@ -1,123 +1,320 @@
-"""The loop every data stage shares: skip if complete, run the missing shards, write the manifest last."""
+"""The one shard runner: every way a data stage's work is split goes through `run_stage`.
+
+- Several nodes (the nodes of one `t2i run`, or `t2i recaption` started on several machines at once): every
+  shard is claimed in the shared workspace before it is computed (`t2i.data.claims`), so each is computed once.
+- `--part k/n` and `cluster.parts` child runs: a part is responsible for its interleaved share (`part_shards`).
+- The GPUs of one machine: one worker process per GPU group (`on_devices`), each taking shards the same way.
+- One process: `in_process`, the one-lane case of the same loop (threads for the CPU stages).
+
+A run computes every shard of its share it can claim, waits for those that live processes elsewhere hold
+(taking over the claims of dead ones), and the manifest is written once, by the run that claims it; the
+others wait for it. A run that dies loses only its in-flight shards; a rerun finishes them.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+from t2i.data.claims import ShardClaims, shard_claim
 from t2i.data.store import Artifact, ShardInfo
 from t2i.tasks.device_workers import run_stage_worker
 from t2i.tasks.shards import Progress, run_logger
 
+MANIFEST_CLAIM = "manifest"
+WAIT_LOG_SECONDS = 60.0
+
+
+@dataclass
+class ShardSet:
+    """One artifact of a sharded stage, the shards of it this run is responsible for, and what they read."""
+
+    label: str
+    artifact: Artifact
+    num_shards: int
+    shards: list[int]
+    source: Artifact | None = None
+    summary: Callable[[], dict[str, Any]] | None = None  # manifest extras, made by the run that writes it
+
+    def missing(self) -> list[int]:
+        return [i for i in self.shards if not self.artifact.has_shard(i)]
+
+
+# (set, shard index, the next shard of the same set this lane will take, for prefetching) → the shard's record
+ShardFn = Callable[[ShardSet, int, "int | None"], ShardInfo]
+Report = Callable[[str, int, int, int, float], None]  # label, index, rows, rejects, seconds
+Compute = Callable[[list[ShardSet], dict[str, ShardClaims], Report], None]
+
+
+# --- which shard a worker takes ---------------------------------------------------------------------------
+
+
+class ShardQueue:
+    """The shards of `sets` in order; each goes to the first lane that claims it. Shared by the lanes of a
+    process (thread-safe); every process walks its own queue over the same claims."""
+
+    def __init__(self, sets: list[ShardSet], claims: dict[str, ShardClaims]) -> None:
+        self.claims = claims
+        self.items: Iterator[tuple[ShardSet, int]] = iter([(s, i) for s in sets for i in s.shards])
+        self.lock = threading.Lock()
+
+    def take(self) -> tuple[ShardSet, int] | None:
+        with self.lock:
+            for s, i in self.items:
+                claims, name = self.claims[s.label], shard_claim(i)
+                if s.artifact.has_shard(i) or not claims.take(name):
+                    continue
+                if s.artifact.has_shard(i):  # written by its last holder, which has exited since
+                    claims.release(name)
+                    continue
+                return s, i
+            return None
+
+    def close(self) -> None:
+        with self.lock:
+            self.items = iter(())
+
+
+def run_lane(queue: ShardQueue, run: ShardFn, report: Report, lookahead: bool = False) -> None:
+    """Take, compute and finish shards until the queue has none left to claim. With `lookahead` the next shard
+    is claimed before the current one runs, so its input can be read meanwhile."""
+    current = queue.take()
+    while current is not None:
+        s, i = current
+        upcoming = queue.take() if lookahead else None
+        started = time.time()
+        try:
+            info = run(s, i, upcoming[1] if upcoming and upcoming[0] is s else None)
+        except BaseException:
+            queue.close()  # the other lanes stop taking; their running shards finish
+            for held in filter(None, (current, upcoming)):
+                queue.claims[held[0].label].release(shard_claim(held[1]))
+            raise
+        queue.claims[s.label].finish(shard_claim(i))
+        report(s.label, i, info.rows, info.rejects, time.time() - started)
+        current = upcoming if lookahead else queue.take()
+
+
+def drain(
+    sets: list[ShardSet],
+    claims: dict[str, ShardClaims],
+    run: ShardFn,
+    report: Report,
+    lanes: int = 1,
+    lookahead: bool = False,
+) -> None:
+    """Compute every shard of `sets` this process can claim, on `lanes` threads (each in the caller's Prefect
+    context, so their task runs belong to its flow run)."""
+    queue = ShardQueue(sets, claims)
+    if lanes == 1:
+        return run_lane(queue, run, report, lookahead)
+    with ThreadPoolExecutor(lanes, thread_name_prefix="shard-lane") as pool:
+        futures = [
+            pool.submit(contextvars.copy_context().run, run_lane, queue, run, report, lookahead)
+            for _ in range(lanes)
+        ]
+        for future in futures:
+            future.result()
+
+
+def in_process(run: ShardFn, lanes: int = 1, lookahead: bool = False) -> Compute:
+    return lambda sets, claims, report: drain(sets, claims, run, report, lanes, lookahead)
+
+
+def on_devices(stage: str, cfg: Any, groups: list[list[str] | None]) -> Compute:
+    """One worker process per device group, each loading its model once and taking shards of every set
+    (images and composites in one launch) through the same claims."""
+
+    def compute(sets: list[ShardSet], claims: dict[str, ShardClaims], report: Report) -> None:
+        timeout = next(iter(claims.values())).timeout
+        run_logger().info(f"[{stage}] {len(groups)} workers: {groups}")
+        futures = [
+            run_stage_worker.with_options(task_run_name=f"{stage}-worker-{w}").submit(
+                stage, cfg, [_set_ref(s) for s in sets], gpus, w, timeout, report
+            )
+            for w, gpus in enumerate(groups)
+        ]
+        for future in futures:
+            future.result()
+
+    return compute
+
+
+def _set_ref(s: ShardSet) -> dict[str, Any]:
+    source = s.source.ref() if s.source is not None else None
+    return {"label": s.label, "artifact": s.artifact.ref(), "source": source, "num_shards": s.num_shards,
+            "shards": s.shards}  # fmt: skip
+
+
+def set_from_ref(ref: dict[str, Any]) -> ShardSet:
+    source = Artifact.from_ref(ref["source"]) if ref["source"] is not None else None
+    return ShardSet(
+        ref["label"], Artifact.from_ref(ref["artifact"]), ref["num_shards"], ref["shards"], source
+    )
+
+
+# --- a stage: its sets computed, waited for, finalized once --------------------------------------------------
+
+
+def run_stage(sets: list[ShardSet], compute: Compute, claim_timeout: float) -> list[dict[str, Any]]:
+    """Bring every set to complete (or, for a part, its share to on-disk) and return one summary per set."""
+    pending = [s for s in sets if not s.artifact.is_complete()]
+    started = time.time()
+    claims = {s.label: _prepare(s, claim_timeout) for s in pending}
+    report = _progress(pending)
+    while todo := [s for s in pending if s.missing()]:
+        compute(todo, claims, report)
+        wait_for_others(todo, claims)
+    finalizers = [f for s in pending if (f := _finalizer(s, claims[s.label], started))]
+    for finalize in finalizers:  # first the manifests nobody is writing yet, then wait for the others'
+        finalize(wait=False)
+    for finalize in finalizers:
+        finalize(wait=True)
+    return [_summary(s) if s in pending else skipped_summary(s.label, s.artifact) for s in sets]
+
+
+def _progress(sets: list[ShardSet]) -> Report:
+    """A progress bar per set (log lines and a Prefect progress artifact), advanced by finished shards."""
+    bars = {s.label: Progress(s.label, len(s.shards), done=len(s.shards) - len(s.missing())) for s in sets}
+    lock = threading.Lock()
+
+    def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> None:
+        with lock:
+            bars[label].advance(
+                f"(part {index:05d}: {rows} rows, {rejects} rejects, {seconds:.1f}s, "
+                f"{rows / max(seconds, 1e-9):.0f}/s)"
+            )
+
+    return report
+
+
+def _prepare(s: ShardSet, claim_timeout: float) -> ShardClaims:
+    s.artifact.root.mkdir(parents=True, exist_ok=True)
+    s.artifact.clean_stale_temporaries()
+    missing = s.missing()
+    run_logger().info(
+        f"[{s.label}] {len(s.shards) - len(missing)} of {len(s.shards)} shards already done, "
+        f"{len(missing)} to run → {s.artifact.root}"
+    )
+    return ShardClaims(s.artifact.root, claim_timeout, run_logger())
+
+
+def wait_for_others(sets: list[ShardSet], claims: dict[str, ShardClaims]) -> None:
+    """Wait while live processes elsewhere hold every missing shard; return once all are on disk or one of them
+    can be claimed (its holder died, or failed and let it go)."""
+
+    def holders() -> list[str] | None:
+        held = []
+        for s in sets:
+            for i in s.missing():
+                claim = claims[s.label].live_holder(shard_claim(i))
+                if claim is None:
+                    return None
+                held.append(f"{s.label} part {i:05d} ({claim.who()})")
+        return held or None
+
+    poll_until(
+        lambda: holders() is None, lambda: f"shards other processes are computing: {_short(holders())}"
+    )
+
+
+def _finalizer(s: ShardSet, claims: ShardClaims, started: float) -> Callable[[bool], bool] | None:
+    """`finalize(wait)`: write the set's manifest once, or wait for another process to; None when shards of
+    the stage are still missing (a part's share is done, other parts' are not)."""
+    art, logger = s.artifact, run_logger()
+    present = len(art.done_shards(s.num_shards))
+    if present < s.num_shards:
+        logger.info(
+            f"[{s.label}] this run's shards are done; {present} of {s.num_shards} shards on disk, "
+            "the manifest is written by the run that completes the last one"
+        )
+        return None
+
+    def write() -> None:
+        manifest = art.finalize_shards(
+            num_shards=s.num_shards,
+            config=art.extra.get("config", {}),
+            inputs=art.extra.get("inputs", {}),
+            started=started,
+            extra=s.summary() if s.summary else None,
+        )
+        logger.info(
+            f"[{s.label}] complete: {manifest['rows']} rows, {manifest['rejects']} rejects "
+            f"{manifest['rejects_by_reason'] or ''} in {manifest['seconds']:.1f}s → {art.root}"
+        )
+
+    return lambda wait: write_once(art, claims, write, s.label, wait)
+
+
+def _summary(s: ShardSet) -> dict[str, Any]:
+    art = s.artifact
+    if not art.is_complete():
+        return {"stage": s.label, "path": str(art.root), "skipped": False, "complete": False}
+    return {"stage": s.label, "path": str(art.root), "skipped": False, "complete": True,
+            **_counts(art.read_manifest())}  # fmt: skip
+
+
+def write_once(
+    artifact: Artifact, claims: ShardClaims, write: Callable[[], Any], label: str, wait: bool = True
+) -> bool:
+    """Run `write` (which ends by writing the artifact's manifest) in exactly one process: this one, unless
+    another live process claimed it first, in which case wait for its manifest (or, without `wait`, return at
+    once). True if this process wrote it."""
+    while not artifact.is_complete():
+        if claims.take(MANIFEST_CLAIM):
+            if artifact.is_complete():  # written by a holder that has exited since
+                claims.release(MANIFEST_CLAIM)
+                break
+            try:
+                write()
+            except BaseException:
+                claims.release(MANIFEST_CLAIM)
+                raise
+            claims.finish(MANIFEST_CLAIM)
+            return True
+        if not wait:
+            return False
+
+        def done_or_free() -> bool:
+            return artifact.is_complete() or claims.live_holder(MANIFEST_CLAIM) is None
+
+        def waiting_for() -> str:
+            holder = claims.live_holder(MANIFEST_CLAIM)
+            return f"the {label} manifest, written by {holder.who() if holder else 'another process'}"
+
+        poll_until(done_or_free, waiting_for)
+    return False
+
+
+def poll_until(done: Callable[[], bool], what: Callable[[], str], longest: float = 5.0) -> None:
+    """Poll `done` (from every 0.25 s up to every `longest` s), saying every minute what is awaited."""
+    delay, said = 0.25, time.time()
+    if not done():
+        run_logger().info(f"waiting for {what()}")
+    while not done():
+        time.sleep(delay)
+        delay = min(delay * 1.5, longest)
+        if time.time() - said > WAIT_LOG_SECONDS:
+            run_logger().info(f"still waiting for {what()}")
+            said = time.time()
+
+
+def _short(items: list[str] | None, most: int = 4) -> str:
+    items = items or []
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
 
 def skipped_summary(stage: str, artifact: Artifact) -> dict[str, Any]:
-    manifest = artifact.read_manifest()
     run_logger().info(f"[{stage}] already complete: {artifact.root}")
-    return {
-        "stage": stage,
-        "path": str(artifact.root),
-        "skipped": True,
-        "complete": True,
-        **_counts(manifest),
-    }
+    return {"stage": stage, "path": str(artifact.root), "skipped": True, "complete": True,
+            **_counts(artifact.read_manifest())}  # fmt: skip
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in ("rows", "rejects", "rejects_by_reason") if k in manifest}
-
-
-class StageRun:
-    """One run of a sharded stage over `shards` (default: all): what is left to do, progress, finalization."""
-
-    def __init__(
-        self, stage: str, artifact: Artifact, num_shards: int, shards: list[int] | None = None
-    ) -> None:
-        self.stage, self.artifact, self.num_shards = stage, artifact, num_shards
-        self.shards = list(range(num_shards)) if shards is None else shards
-        self.started = time.time()
-        artifact.root.mkdir(parents=True, exist_ok=True)
-        artifact.clean_stale_temporaries()
-        self.todo = [i for i in self.shards if not artifact.has_shard(i)]
-        done = len(self.shards) - len(self.todo)
-        run_logger().info(
-            f"[{stage}] {done} of {len(self.shards)} shards already done, {len(self.todo)} to run → {artifact.root}"
-        )
-        self.progress = Progress(stage, len(self.shards), done=done)
-
-    def report(self, info: ShardInfo, seconds: float) -> None:
-        self.progress.advance(
-            f"(part {info.index:05d}: {info.rows} rows, {info.rejects} rejects, {seconds:.1f}s, "
-            f"{info.rows / max(seconds, 1e-9):.0f}/s)"
-        )
-
-    def finish(self, extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Write the manifest if every shard of the stage is on disk (other parts may still be running)."""
-        art, logger = self.artifact, run_logger()
-        present = len(art.done_shards(self.num_shards))
-        if present < self.num_shards:
-            logger.info(
-                f"[{self.stage}] this run's shards are done; {present} of {self.num_shards} shards on disk, "
-                "the manifest is written by the run that completes the last one"
-            )
-            return {"stage": self.stage, "path": str(art.root), "skipped": False, "complete": False}
-        manifest = art.finalize_shards(
-            num_shards=self.num_shards,
-            config=art.extra.get("config", {}),
-            inputs=art.extra.get("inputs", {}),
-            started=self.started,
-            extra=extra() if extra else None,
-        )
-        logger.info(
-            f"[{self.stage}] complete: {manifest['rows']} rows, {manifest['rejects']} rejects "
-            f"{manifest['rejects_by_reason'] or ''} in {manifest['seconds']:.1f}s → {art.root}"
-        )
-        return {
-            "stage": self.stage,
-            "path": str(art.root),
-            "skipped": False,
-            "complete": True,
-            **_counts(manifest),
-        }
-
-
-def run_sharded_stage(
-    stage: str,
-    artifact: Artifact,
-    num_shards: int,
-    run_shard: Callable[[int], Any],
-    *,
-    concurrent: bool = False,
-    extra: Callable[[], dict[str, Any]] | None = None,
-    shards: list[int] | None = None,
-) -> dict[str, Any]:
-    """Run `run_shard(i)` for every shard (of `shards`, default all) not yet on disk, in order, then finalize.
-
-    With `concurrent`, `run_shard` returns Prefect futures (task.submit) and shards run on the task runner.
-    """
-    if artifact.is_complete():
-        return skipped_summary(stage, artifact)
-    run = StageRun(stage, artifact, num_shards, shards)
-    if concurrent:
-        t0 = time.time()
-        for fut in [run_shard(i) for i in run.todo]:
-            run.report(fut.result(), time.time() - t0)
-    else:
-        for i in run.todo:
-            t0 = time.time()
-            run.report(run_shard(i), time.time() - t0)
-    return run.finish(extra)
-
-
-def run_on_devices(stage: str, run: StageRun, cfg: Any, images: Artifact, groups: list) -> None:
-    """The shards this run has left, interleaved over one worker process per device group (so the workers
-    get similar work), each a Prefect task of its own."""
-    run_logger().info(f"[{run.stage}] {len(groups)} workers: {groups}")
-    futures = [
-        run_stage_worker.with_options(task_run_name=f"{run.stage}-worker-{w}").submit(
-            stage, cfg, run.artifact, images, run.todo[w :: len(groups)], gpus, w
-        )
-        for w, gpus in enumerate(groups)
-    ]
-    for fut in futures:
-        fut.result()

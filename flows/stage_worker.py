@@ -1,53 +1,69 @@
 """A stage worker process (started by `t2i.tasks.device_workers.run_stage_worker`): reads its job (stage,
-config, artifacts, shard list) as JSON on stdin, loads its model once on the GPUs it was given, processes its
-shards in order, and reports each on stdout."""
+config, shard sets, claim timeout) as JSON on stdin, loads its model once on the GPUs it was given, takes
+shards through the stage's claims until none is left (`t2i.flows.stage_runner.drain`, the loop every split
+shares), and reports each finished shard on stdout. It exits if the process that started it dies, so a
+killed run leaves no worker holding a GPU or a claim."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import time
 
 import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
-from t2i.data.store import Artifact
-from t2i.tasks.device_workers import REPORT
+from t2i.data.claims import ShardClaims
+from t2i.tasks.device_workers import READY, REPORT
 
 
-def shard_runner(stage: str, cfg_json: dict, artifact: Artifact, images: Artifact):
-    """`run(index, next_index)` for one shard of `stage`."""
+def shard_runner(stage: str, cfg_json: dict):
+    """`run(shard_set, index, next_index)` for one shard of `stage`."""
     if stage == "recaption":
         from t2i.flows.config import RecaptionConfig
         from t2i.tasks.recaption import caption_shard
 
         cfg = RecaptionConfig.model_validate(cfg_json)
-        return lambda i, nxt: caption_shard(cfg, artifact, i, images, next_index=nxt)
+        return lambda s, i, nxt: caption_shard(cfg, s.artifact, i, s.source, next_index=nxt)
     if stage == "latents":
         from t2i.flows.config import LatentsConfig
         from t2i.tasks.latents import latents_shard
 
         cfg = LatentsConfig.model_validate(cfg_json)
-        return lambda i, nxt: latents_shard.fn(cfg, artifact, i, images)
+        return lambda s, i, nxt: latents_shard.fn(cfg, s.artifact, i, s.source)
     raise ValueError(f"no worker for stage {stage!r}")
 
 
+def exit_with_parent(interval: float = 1.0) -> None:
+    """A daemon thread that ends this process once its parent is gone (the parent's pid is then re-assigned)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> None:
+    line = {"label": label, "index": index, "rows": rows, "rejects": rejects, "seconds": seconds}
+    print(REPORT + json.dumps(line), flush=True)
+
+
 def main() -> int:
-    spec = json.loads(sys.stdin.read())
-    artifact, images, shards = (
-        Artifact.from_ref(spec["artifact"]),
-        Artifact.from_ref(spec["images"]),
-        spec["shards"],
+    from t2i.flows.stage_runner import drain, set_from_ref
+
+    exit_with_parent()
+    print(
+        READY + json.dumps({"pid": os.getpid(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES")}),
+        flush=True,
     )
-    run = shard_runner(spec["stage"], spec["cfg"], artifact, images)
-    for pos, index in enumerate(shards):
-        started = time.time()
-        info = run(index, shards[pos + 1] if pos + 1 < len(shards) else None)
-        report = {
-            "index": index,
-            "rows": info.rows,
-            "rejects": info.rejects,
-            "seconds": time.time() - started,
-        }
-        print(REPORT + json.dumps(report), flush=True)
+    spec = json.loads(sys.stdin.read())
+    sets = [set_from_ref(ref) for ref in spec["sets"]]
+    claims = {s.label: ShardClaims(s.artifact.root, spec["claim_timeout"]) for s in sets}
+    run = shard_runner(spec["stage"], spec["cfg"])
+    drain(sets, claims, run, report, lookahead=spec["stage"] == "recaption")
     return 0
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from t2i.data.store import checkpoint_dirs
+from t2i.data.claims import ShardClaims, shard_claim
+from t2i.data.store import Artifact, checkpoint_dirs
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 
@@ -31,10 +32,10 @@ def stage_statuses(cfg: PipelineConfig) -> list[StageStatus]:
             out.append(StageStatus(label, "complete", detail, str(art.root)))
         elif stage in ("download", "cutmix", "recaption", "latents"):
             n = plan.num_shards
-            k = len(art.done_shards(n)) if art.root.is_dir() else 0
-            out.append(
-                StageStatus(label, "partial" if k else "not started", f"{k} of {n} shards", str(art.root))
-            )
+            done = art.done_shards(n) if art.root.is_dir() else []
+            busy = in_progress(art, [i for i in range(n) if i not in done])
+            state = "partial" if done or busy else "not started"
+            out.append(StageStatus(label, state, f"{len(done)} of {n} shards{busy}", str(art.root)))
         elif stage == "train":
             ckpts = checkpoint_dirs(art.root)
             last = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
@@ -45,6 +46,16 @@ def stage_statuses(cfg: PipelineConfig) -> list[StageStatus]:
                 StageStatus(label, "partial" if art.root.is_dir() else "not started", "", str(art.root))
             )
     return out
+
+
+def in_progress(art: Artifact, missing: list[int]) -> str:
+    """', k in progress (host:pid, ...)' for the missing shards that live processes have claimed."""
+    claims = ShardClaims(art.root)
+    holders = [c.who() for i in missing if (c := claims.live_holder(shard_claim(i))) is not None]
+    if not holders:
+        return ""
+    who = sorted(set(holders))
+    return f", {len(holders)} in progress ({', '.join(who[:3])}{', …' if len(who) > 3 else ''})"
 
 
 def format_statuses(statuses: list[StageStatus]) -> str:

@@ -140,7 +140,7 @@ class VLLMCaptioner:
         temperature: float = 0.0,
         dtype: str = "bfloat16",
         max_model_len: int = 4096,
-        max_num_seqs: int = 64,
+        max_num_seqs: int | None = None,
         gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
         limit_mm_per_prompt: int = 1,
@@ -161,11 +161,12 @@ class VLLMCaptioner:
             revision=revision,
             dtype=dtype,
             max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
             limit_mm_per_prompt={"image": limit_mm_per_prompt},
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
         )
+        if max_num_seqs is not None:  # else vLLM's offline default for this hardware
+            self.engine_args.update(max_num_seqs=max_num_seqs)
         if torch.cuda.is_available():
             self.engine_args.update(gpu_memory_utilization=gpu_memory_utilization)
         else:

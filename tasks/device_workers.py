@@ -1,6 +1,7 @@
-"""A sharded stage on several devices: one worker process per group of GPUs (or per CPU worker), each
-walking its share of the stage's shards and reporting each finished shard on stdout. Recaption (one vLLM
-engine per `tensor_parallel_size` GPUs) and latents (one VAE per GPU) both run through it."""
+"""A machine's GPUs, grouped, and a sharded stage on them: one worker process per group (or per CPU worker),
+each taking shards through the stage's claims and reporting each finished shard on stdout. Recaption (one vLLM
+engine per `tensor_parallel_size` GPUs) and latents (one VAE per GPU) run through it, and `t2i worker` groups a
+machine's GPUs for its Prefect workers with the same `gpu_groups`."""
 
 from __future__ import annotations
 
@@ -8,51 +9,74 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from t2i.data.store import Artifact
 from t2i.tasks.shards import run_logger
 
 REPORT = "T2I-SHARD "
+READY = "T2I-WORKER "
 
 
-def device_groups(per_worker: int, gpus: int | None, workers: int | None) -> list[list[str] | None]:
-    """GPU ids of each worker (`per_worker` each, from the visible GPUs, at most `gpus` of them); without a
-    GPU, `workers` workers (default 1) that use the CPU."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as the ids a child's CUDA_VISIBLE_DEVICES must name: the entries of our
+    own CUDA_VISIBLE_DEVICES (a scheduler's allocation, UUIDs included) or 0..n-1, one per device CUDA sees."""
     import torch
 
-    if not torch.cuda.is_available():
-        return [None] * (workers or 1)
+    count = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = (
-        [g for g in visible.split(",") if g]
-        if visible
-        else [str(i) for i in range(torch.cuda.device_count())]
-    )
-    ids = ids[:gpus] if gpus else ids
-    groups = [ids[i : i + per_worker] for i in range(0, len(ids) - per_worker + 1, per_worker)]
-    if not groups:
-        raise ValueError(f"{per_worker} GPUs per worker needed, {len(ids)} visible")
-    return groups[:workers] if workers else groups
+    ids = [g.strip() for g in visible.split(",")] if visible is not None else []
+    return (ids if visible is not None else [str(i) for i in range(count)])[:count]
 
 
-@task(name="stage-worker")
+def gpu_groups(
+    per_group: int, select: int | Sequence[int] | None = None, limit: int | None = None
+) -> list[list[str] | None]:
+    """The visible GPUs in groups of `per_group` (one engine, VAE or Prefect worker each). `select`: how many
+    to use (an int) or which, by their ordinals among the visible ones (as `cuda:N` counts them); `limit`: at
+    most this many groups. Without a GPU: `limit` (default 1) groups that use the CPU, marked None."""
+    ids = visible_gpus()
+    if isinstance(select, int):
+        if ids and select > len(ids):
+            raise ValueError(f"{select} GPUs asked for, {len(ids)} visible ({_describe(ids)})")
+        ids = ids[:select]
+    elif select is not None:
+        unknown = [g for g in select if not 0 <= g < len(ids)]
+        if unknown:
+            raise ValueError(f"GPU {unknown[0]} is not visible: {len(ids)} visible ({_describe(ids)})")
+        ids = [ids[g] for g in select]
+    if not ids:
+        return [None] * (limit or 1)
+    if len(ids) % per_group:
+        raise ValueError(
+            f"{per_group} GPUs per group does not divide the {len(ids)} GPUs {','.join(ids)}: choose the GPUs"
+        )
+    groups = [ids[i : i + per_group] for i in range(0, len(ids), per_group)]
+    return groups[:limit] if limit else groups
+
+
+def _describe(ids: list[str]) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else f"physical {','.join(ids)}"
+
+
+@task(name="stage-worker", cache_policy=NO_CACHE)
 def run_stage_worker(
     stage: str,
     cfg: Any,
-    artifact: Artifact,
-    images: Artifact,
-    shards: list[int],
+    sets: list[dict[str, Any]],
     gpus: list[str] | None,
     worker: int,
-) -> list[dict[str, Any]]:
-    """One worker process (`t2i.flows.stage_worker`) on `gpus`, running `stage` on `shards` in order; its
-    per-shard reports are relayed to the run log."""
+    claim_timeout: float,
+    report: Callable[[str, int, int, int, float], None],
+) -> None:
+    """One worker process (`t2i.flows.stage_worker`) on `gpus`, taking shards of `sets` (references made by
+    `t2i.flows.stage_runner`) until none is left to claim; each finished shard goes to `report`."""
     log = run_logger()
-    spec = {"stage": stage, "cfg": cfg.model_dump(mode="json"), "artifact": artifact.ref(),
-            "images": images.ref(), "shards": shards}  # fmt: skip
+    spec = {"stage": stage, "cfg": cfg.model_dump(mode="json"), "sets": sets, "claim_timeout": claim_timeout}
     env = dict(os.environ)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
@@ -62,15 +86,15 @@ def run_stage_worker(
     )  # fmt: skip
     proc.stdin.write(json.dumps(spec))
     proc.stdin.close()
-    reports = []
     for line in proc.stdout:
-        if line.startswith(REPORT):
-            report = json.loads(line[len(REPORT) :])
-            reports.append(report)
+        if line.startswith(READY):
+            ready = json.loads(line[len(READY) :])
             log.info(
-                f"[{stage}] worker {worker}: part {report['index']:05d} done "
-                f"({report['rows']} rows, {report['rejects']} rejects, {report['seconds']:.1f}s)"
+                f"[{stage}] worker {worker}: pid {ready['pid']}, CUDA_VISIBLE_DEVICES={ready['devices']}"
             )
+        elif line.startswith(REPORT):
+            r = json.loads(line[len(REPORT) :])
+            log.info(f"[{stage}] worker {worker} (GPUs {gpus}): {r['label']} part {r['index']:05d} done")
+            report(r["label"], r["index"], r["rows"], r["rejects"], r["seconds"])
     if proc.wait() != 0:
         raise RuntimeError(f"{stage} worker {worker} (GPUs {gpus}) exited with {proc.returncode}")
-    return reports

@@ -26,7 +26,7 @@ from t2i.data.schemas import captions_schema
 from t2i.data.store import Artifact, Reject, ShardInfo
 from t2i.models.captioners import Caption, Captioner
 from t2i.models.tiny import resolve_model
-from t2i.tasks.device_workers import device_groups
+from t2i.tasks.device_workers import gpu_groups
 from t2i.tasks.model_cache import cached_model
 from t2i.tasks.shards import SHARD_TASK_OPTIONS
 
@@ -199,7 +199,7 @@ def engine_groups(cfg: RecaptionConfig) -> list[list[str] | None]:
     """GPU ids of each engine (tensor_parallel_size each); on CPU, `workers` engines without GPUs."""
     if cfg.backend in ("template", "import"):
         return [None]
-    return device_groups(cfg.tensor_parallel_size, cfg.gpus, cfg.workers)
+    return gpu_groups(cfg.tensor_parallel_size, cfg.gpus, cfg.workers)
 
 
 # --- the stage summary ------------------------------------------------------------------------------------

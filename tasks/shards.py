@@ -1,30 +1,20 @@
-"""What every shard task shares: Prefect's cache key from (stage fingerprint, shard index), and progress.
+"""What every shard task shares: its Prefect options, logging, and progress.
 
-The key exists only while the shard file does, so Prefect's cache can skip scheduling work but can never
-claim a shard that is not on disk: deleting a shard (or the Prefect database) just means it is redone
-(or re-checked) from the files.
+The files on disk are the one record of what is done: a shard is skipped when it is on disk (and readable),
+whoever wrote it, and claimed in the workspace before it is computed (`t2i.data.claims`). Prefect keeps no
+cache of its own on top (it could only ever skip a shard the runner never submits), so deleting Prefect's
+database loses nothing and a shard deleted on disk is simply redone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import Any
 
-from t2i.data.store import Artifact
+from prefect.cache_policies import NO_CACHE
 
-
-def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    artifact: Artifact = parameters["artifact"]
-    index: int = parameters["index"]
-    if not artifact.has_shard(index):
-        return None
-    where = hashlib.sha256(str(artifact.root).encode()).hexdigest()[:8]
-    return f"{artifact.stage}-{artifact.fingerprint}-{index:05d}-{where}"
-
-
-SHARD_TASK_OPTIONS: dict[str, Any] = dict(cache_key_fn=shard_cache_key, persist_result=True, retries=1)
+SHARD_TASK_OPTIONS: dict[str, Any] = dict(cache_policy=NO_CACHE, retries=1)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

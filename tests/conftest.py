@@ -132,6 +132,16 @@ def cli_env(prefect_server, tmp_path) -> dict[str, str]:
     return env
 
 
+def wait_until(check, timeout: float, what: str, poll: float = 0.3):
+    """Poll `check` until it returns something true, and return that; fail naming `what` after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if result := check():
+            return result
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, check: bool = True):
     proc = subprocess.run([T2I, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:

@@ -5,7 +5,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from t2i.data.store import FOREIGN_STALE_SECONDS, Artifact, Reject, _host_tag, atomic_path, fingerprint
+from t2i.data.store import FOREIGN_STALE_SECONDS, Artifact, Reject, atomic_path, fingerprint, host_tag
 
 
 def table(n: int) -> pa.Table:
@@ -73,7 +73,7 @@ def tmp_name(host: str, pid: int, name: str) -> str:
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     art = Artifact(tmp_path, "download", "fp")
     art.root.mkdir(parents=True)
-    here = _host_tag()
+    here = host_tag()
     dead = art.root / tmp_name(here, 999999999, "part-00000.parquet")  # no such pid
     live = art.root / tmp_name(here, os.getppid(), "part-00001.parquet")
     ours = art.root / tmp_name(here, os.getpid(), "part-00002.parquet")
@@ -87,7 +87,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
 
 def test_atomic_path_names_its_temporary_after_host_and_pid(tmp_path):
     with atomic_path(tmp_path / "out.bin") as tmp:
-        assert tmp.name.startswith(f".tmp-{_host_tag()}-{os.getpid()}-") and tmp.name.endswith("-out.bin")
+        assert tmp.name.startswith(f".tmp-{host_tag()}-{os.getpid()}-") and tmp.name.endswith("-out.bin")
         tmp.write_bytes(b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
@@ -96,7 +96,7 @@ def test_another_hosts_temporaries_are_removed_only_when_long_untouched(tmp_path
     """Another host's pid cannot be checked here (shared filesystem): only its files' age tells."""
     art = Artifact(tmp_path, "download", "fp")
     art.root.mkdir(parents=True)
-    other = "0123abcd" if _host_tag() != "0123abcd" else "4567cdef"
+    other = "0123abcd" if host_tag() != "0123abcd" else "4567cdef"
     fresh = art.root / tmp_name(other, 999999999, "part-00000.parquet")  # no such pid here
     old = art.root / tmp_name(other, 999999999, "part-00001.parquet")
     old_dir, busy_dir = art.root / tmp_name(other, 999999999, "ckpt"), art.root / tmp_name(other, 1, "ckpt2")

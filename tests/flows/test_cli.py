@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from t2i.data.claims import ShardClaims, shard_claim
 from t2i.flows.config import load_config
 from t2i.flows.plan import Plan
 from tests.conftest import SMALL_PIPELINE, T2I, run_cli
@@ -74,8 +76,16 @@ def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
         "download", "cutmix", "recaption", "recaption", "latents", "text", "latents", "text", "train", "evaluate",
     ]  # fmt: skip
     assert all(" complete " in ln for ln in lines)
+    empty = Plan(load_config("tiny", overrides(SMALL), str(tmp_path / "empty")))
+    claims = ShardClaims(empty.captions.root)  # this process captions shards 0 and 2, as another node would
+    assert claims.take(shard_claim(0)) and claims.take(shard_claim(2))
     fresh = run_cli(["status", "--preset", "tiny", "--workspace", str(tmp_path / "empty"), *SMALL], cli_env)
     assert "not started (0 of 4 shards)" in fresh.stdout and "not started (0 of 20 steps)" in fresh.stdout
+    busy = f"partial (0 of 4 shards, 2 in progress ({socket.gethostname()}:{os.getpid()}))"
+    assert [ln for ln in fresh.stdout.splitlines() if ln.startswith("recaption ")] == [
+        f"{'recaption':<28}  {busy:<32}  {empty.captions.root}"
+    ]
+    claims.release_all()
 
 
 def test_status_imports_neither_torch_nor_prefect(pipeline_ws, cli_env):
@@ -108,6 +118,10 @@ def test_a_stage_without_its_input_names_the_command_to_run(cli_env, tmp_path):
         (["--set", "latents.resolution=-3"], "latents.resolution: Input should be greater than 0"),
         (["--set", "train.colour=red"], "train.colour: unknown field; allowed fields:"),
         (["--preset", "nope"], "unknown preset 'nope'; available: imagenet256, tiny"),
+        (
+            ["--set", "cluster.parts=2"],
+            "parts=2 starts child runs of a deployment, and cluster.deployment is not set",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_work(cli_env, tmp_path, args, message):
@@ -120,6 +134,24 @@ def test_bad_input_fails_before_any_work(cli_env, tmp_path, args, message):
     proc = run_cli(full, cli_env, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
+    assert not ws.exists()
+
+
+@pytest.mark.parametrize("server", [True, False])
+def test_parts_asked_for_on_the_command_line_without_their_deployment_fail_before_any_work(
+    cli_env, tmp_path, server
+):
+    """`cluster.parts` fans out over a deployment's runs; with no server to start them on, or no such
+    deployment there, the run is refused naming what is missing, and nothing is computed."""
+    ws = tmp_path / "ws"
+    env = cli_env if server else {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
+    args = ["--set", "cluster.parts=2", "--set", "cluster.deployment=nowhere"]
+    proc = run_cli(["run", "--preset", "tiny", "--workspace", str(ws), *args], env, check=False)
+    assert proc.returncode == 1
+    if server:
+        assert "starts runs of 'recaption/nowhere', which the server at http://127.0.0.1:" in proc.stderr
+    else:
+        assert "starts child runs of the deployment 'nowhere' on a Prefect server" in proc.stderr
     assert not ws.exists()
 
 

@@ -2,7 +2,6 @@
 namespaces, as a second node sharing the filesystem would be), never remove each other's temporaries, and
 both parts complete."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import pytest
 from t2i.flows.config import load_config
 from t2i.flows.plan import Plan
 from tests.conftest import REPO, T2I, run_cli
+from tests.hosts import OTHER_HOST as OTHER
+from tests.hosts import UNSHARE, namespaces_work
 
 SETTINGS = [
     "--set", "download.max_images=64",
@@ -19,14 +20,6 @@ SETTINGS = [
     "--set", "cutmix.enabled=false",
     "--set", "recaption.backend=template",
 ]  # fmt: skip
-OTHER = "other-host"
-# The other host's writer gets a pid near pid_max, one that is not alive in this host's pid namespace (where
-# ns_last_pid is not writable it gets a small pid and the test still runs).
-NS_INIT = (
-    f"hostname {OTHER} && {{ echo $(( $(cat /proc/sys/kernel/pid_max) - 100 )) > /proc/sys/kernel/ns_last_pid; }} "
-    '2>/dev/null; "$0" "$@"'
-)
-UNSHARE = ["unshare", "--uts", "--pid", "--mount-proc", "--kill-child", "sh", "-c", NS_INIT]
 # Holds an in-flight temporary until a line arrives on stdin; exits 0 only if the final `os.replace` works.
 WRITER = """
 import sys
@@ -37,16 +30,6 @@ with atomic_path(Path(sys.argv[1])) as tmp:
     print(tmp.name, flush=True)
     sys.stdin.readline()
 """
-
-
-def _namespaces_work() -> bool:
-    if not (shutil.which("unshare") and shutil.which("nsenter")):
-        return False
-    try:
-        probe = subprocess.run([*UNSHARE, "hostname"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0 and probe.stdout.strip() == OTHER
 
 
 def start_writer(final: Path, text: str, prefix: list[str]) -> tuple[subprocess.Popen, str]:
@@ -66,7 +49,7 @@ def ns_init_pid(unshare: subprocess.Popen) -> int:
     return int(children[0])
 
 
-@pytest.mark.skipif(not _namespaces_work(), reason="needs unshare/nsenter and new UTS and pid namespaces")
+@pytest.mark.skipif(not namespaces_work(), reason="needs unshare/nsenter and new UTS and pid namespaces")
 def test_parts_on_two_hosts_keep_each_others_temporaries_and_complete(workspace, cli_env):
     ws = ["--preset", "tiny", "--workspace", str(workspace), *SETTINGS]
     run_cli(["download", *ws], cli_env)

@@ -5,6 +5,7 @@ tests/service/."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -59,9 +60,14 @@ class Service:
         )  # fmt: skip
 
     def kill_machine(self, name: str) -> None:
-        """SIGKILL a worker and everything it started, as a dead node would."""
+        """SIGKILL a worker and everything it started (its Prefect workers run in sessions of their own, and
+        their runs under them), all frozen first so none outlives the others, as when a node dies."""
         proc = self.workers.pop(name)
-        os.killpg(proc.pid, signal.SIGKILL)
+        tree = [proc.pid, *descendants(proc.pid)]
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         proc.wait(timeout=30)
 
     def stop_workers(self) -> None:
@@ -100,6 +106,19 @@ class Service:
         """Start a run of a deployment (what the UI's Run button does); returns its id."""
         dep = self.api(f"/deployments/name/{deployment}")
         return self.api(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"cfg": cfg}})["id"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started under `pid`, by walking parent pids in /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found += frontier
+    return found
 
 
 def config(ws: Path, *overrides: str) -> dict:

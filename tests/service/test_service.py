@@ -11,10 +11,11 @@ import urllib.error
 import pyarrow.parquet as pq
 import pytest
 
+from t2i.data.claims import ShardClaims, shard_claim
 from t2i.flows.config import PipelineConfig
 from t2i.flows.parts import part_shards
 from t2i.flows.plan import Plan
-from tests.conftest import T2I
+from tests.conftest import T2I, wait_until
 from tests.service.conftest import CRASH_AFTER, PREFECT, config
 
 DATA_STAGES = ("download", "cutmix", "recaption", "latents", "text")
@@ -29,49 +30,42 @@ def _parts(service, stage: str) -> dict[int, dict]:
     return {int(r["name"].split("-")[-3]): r for r in runs}
 
 
-def _wait_until(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_pipeline_in_two_parts_over_two_machines_recovers_from_a_dead_machine(service, small_pipeline):
     """Parts run on both machines; one machine dies and the other's part process is SIGKILLed while they
-    caption. The killed process's part is Crashed at once and retried while the dead machine's part is still a
-    zombie; that one is Crashed when its heartbeats stop, and the pipeline fails naming it. `prefect flow-run
-    retry` finishes it on the surviving machine, Retry on the pipeline finishes the rest, finished shards are
-    never rewritten, and every output equals a single-process run's."""
+    caption. The fault comes at a point the test holds: the test claims one composite shard of each part (as
+    a third node would), so each part captions its other shards and then waits for that one. The killed
+    process's part is Crashed at once and retried while the dead machine's part is still a zombie; that one is
+    Crashed when its heartbeats stop, and the pipeline fails naming it. `prefect flow-run retry` finishes it on
+    the surviving machine, Retry on the pipeline finishes the rest, finished shards are never rewritten, and
+    every output equals a single-process run's."""
     cfg = config(service.ws, "cluster.parts=2", "cluster.deployment=tiny")
     plan = Plan(PipelineConfig.model_validate(cfg))
-    captions = plan.captions_of(plan.images)
+    sets = [plan.captions_of(plan.images), plan.captions_of(plan.composites)]  # each part captions both
+    share = {k: part_shards(plan.num_shards, (k, 2)) for k in (1, 2)}
+    held = ShardClaims(sets[1].root)  # this test, holding the last composite shard of each part
+    assert all(held.take(shard_claim(share[k][-1])) for k in (1, 2))
     parent = service.start("pipeline/tiny", cfg)
 
-    sets = [captions, plan.captions_of(plan.composites)]  # each part captions its shards of both
+    blocked = {(sets[1], share[k][-1]) for k in (1, 2)}
+    free = [(art, i) for art in sets for i in range(plan.num_shards) if (art, i) not in blocked]
 
-    def shards_done(k: int) -> int:
-        return sum(art.has_shard(i) for art in sets for i in part_shards(plan.num_shards, (k, 2)))
-
-    def parts_mid_work():
-        """Both parts running, and the one on the pipeline's own machine half-way through its shards."""
+    def parts_waiting():
+        """Both parts running, every shard but the held ones on disk: each part waits for its held shard."""
         parts = _parts(service, "recaption")
-        if len(parts) < 2 or any(p["state_type"] != "RUNNING" for p in parts.values()):
-            return None
-        host = service.run(parent)["labels"]["prefect.worker.name"].split("-")[0]
-        mine = [k for k, p in parts.items() if p["labels"].get("prefect.worker.name") == f"{host}-cpu"]
-        total = 2 * len(part_shards(plan.num_shards, (1, 2)))
-        return (parts, host, mine[0]) if mine and 0 < shards_done(mine[0]) < total else None
+        running = len(parts) == 2 and all(p["state_type"] == "RUNNING" for p in parts.values())
+        return parts if running and all(art.has_shard(i) for art, i in free) else None
 
-    parts, host, mine = _wait_until(parts_mid_work, 300, "the recaption parts to be half-way")
+    parts = wait_until(parts_waiting, 600, "both recaption parts to wait for the held shards")
     assert sorted(p["labels"]["prefect.worker.name"] for p in parts.values()) == ["a-cpu", "b-cpu"]
+    host = service.run(parent)["labels"]["prefect.worker.name"].split("-")[0]
+    (mine,) = [k for k, p in parts.items() if p["labels"]["prefect.worker.name"] == f"{host}-cpu"]
     (theirs,) = [k for k in parts if k != mine]
     before = {p: v for art in sets for p, v in _files(art.root).items()}
     pid = int(service.run(parts[mine]["id"])["infrastructure_pid"].rsplit(":", 1)[-1])  # "host:pid"
     os.kill(pid, signal.SIGKILL)
     killed = time.time()
     service.kill_machine("b" if host == "a" else "a")
+    held.release_all()  # the third node gives its shards back: the retries caption them
 
     service.wait_for(parts[mine]["id"], {"CRASHED", "FAILED"}, timeout=60)
     assert time.time() - killed < 60  # the surviving worker reports its killed process at once

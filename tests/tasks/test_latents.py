@@ -7,6 +7,7 @@ import torch
 
 from t2i.data.imaging import center_crop_resize, decode_image, to_tensor_range
 from t2i.flows.config import load_config
+from t2i.flows.cutmix import cutmix_flow
 from t2i.flows.download import download_flow
 from t2i.flows.latents import latents_flow
 from t2i.flows.plan import Plan
@@ -79,22 +80,30 @@ def test_reconstruction_quality_tells_a_random_vae_from_the_trained_one(prefect_
 
 
 def test_two_latents_workers_write_what_one_process_writes(prefect_harness, workspace, tmp_path, caplog):
-    """Each visible GPU gets a worker process with its own VAE (here two CPU workers): same shards, same rows."""
+    """Each visible GPU gets a worker process with its own VAE (here two CPU workers), started once for the
+    images and the composites: same shards, same rows as one process."""
+    import re
     import shutil
 
-    base = ["cutmix.enabled=false", NO_TEXT, "download.max_images=20", "download.shard_size=5"]
+    base = [NO_TEXT, "download.max_images=20", "download.shard_size=5"]
     one = load_config("tiny", base, str(workspace))
     download_flow(one)
+    cutmix_flow(one)
     shutil.copytree(workspace, tmp_path / "other")
     two = load_config("tiny", [*base, "latents.workers=2"], str(tmp_path / "other"))
     latents_flow(one)
     summary = latents_flow(two)
-    assert "[latents] 2 workers: [None, None]" in caplog.text
-    assert summary["complete"] and Plan(two).latents.root.name == Plan(one).latents.root.name
-    for i in range(4):
-        a, b = Plan(one).latents.read_shard(i), Plan(two).latents.read_shard(i)
-        assert a["key"].to_pylist() == b["key"].to_pylist()
-        for column in ("mean", "std"):
-            x, y = (np.frombuffer(b"".join(t[column].to_pylist()), np.float16) for t in (a, b))
-            np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3)  # two processes: thread layout may differ
-    assert Plan(two).latents.read_manifest()["rows"] == 20
+    assert caplog.text.count("[latents] 2 workers: [None, None]") == 1
+    assert len(re.findall(r"\[latents\] worker \d: pid \d+, CUDA_VISIBLE_DEVICES=None", caplog.text)) == 2
+    assert summary["complete"] and summary["composites"]["complete"]
+    for name, images in Plan(two).image_sets():
+        ours, theirs = Plan(two).latents_of(images), Plan(one).latents_of(dict(Plan(one).image_sets())[name])
+        assert ours.root.name == theirs.root.name and ours.read_manifest()["rows"] == 20
+        for i in range(4):
+            a, b = theirs.read_shard(i), ours.read_shard(i)
+            assert a["key"].to_pylist() == b["key"].to_pylist()
+            for column in ("mean", "std"):
+                x, y = (np.frombuffer(b"".join(t[column].to_pylist()), np.float16) for t in (a, b))
+                np.testing.assert_allclose(
+                    x, y, rtol=1e-3, atol=1e-3
+                )  # two processes: thread layout may differ
