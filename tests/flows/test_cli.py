@@ -82,7 +82,7 @@ def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
     fresh = run_cli(["status", "--preset", "tiny", "--workspace", str(tmp_path / "empty"), *SMALL], cli_env)
     assert "not started (0 of 4 shards)" in fresh.stdout and "not started (0 of 20 steps)" in fresh.stdout
     busy = f"partial (0 of 4 shards, 2 in progress ({socket.gethostname()}:{os.getpid()}))"
-    assert [ln for ln in fresh.stdout.splitlines() if ln.startswith("recaption ")] == [
+    assert [ln for ln in fresh.stdout.splitlines() if ln.split("  ")[0] == "recaption"] == [
         f"{'recaption':<28}  {busy:<32}  {empty.captions.root}"
     ]
     claims.release_all()
@@ -192,7 +192,9 @@ def test_sigkill_mid_stage_then_rerun_keeps_finished_shards_and_matches(
     before = _kill_after_first_shard(stage, ws, cli_env, artifact, plan.num_shards)
     assert not artifact.is_complete()
     assert 0 < len(before) < plan.num_shards, "the kill landed after the stage finished; nothing was tested"
-    leftovers = [p.name for p in artifact.root.iterdir() if not p.name.startswith("part-")]
+    leftovers = [
+        p.name for p in artifact.root.iterdir() if not p.name.startswith("part-") and p.name != ".claims"
+    ]
     assert all(
         name.startswith(".tmp-") for name in leftovers
     )  # only an in-flight temporary, never a torn shard

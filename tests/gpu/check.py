@@ -99,8 +99,9 @@ def _prefect_stand_in(force: bool = False) -> bool:
         raise MissingContextError("no Prefect run context (stand-in)")
 
     modules = {name: types.ModuleType(name) for name in ("prefect", "prefect.exceptions", "prefect.logging",
-                                                         "prefect.artifacts")}  # fmt: skip
+                                                         "prefect.artifacts", "prefect.cache_policies")}  # fmt: skip
     modules["prefect"].task = task
+    modules["prefect.cache_policies"].NO_CACHE = None
     modules["prefect.exceptions"].MissingContextError = MissingContextError
     modules["prefect.logging"].get_run_logger = get_run_logger
     sys.modules.update(modules)
