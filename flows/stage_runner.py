@@ -14,6 +14,7 @@ others wait for it. A run that dies loses only its in-flight shards; a rerun fin
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +43,17 @@ class ShardSet:
     summary: Callable[[], dict[str, Any]] | None = None  # manifest extras, made by the run that writes it
 
     def missing(self) -> list[int]:
+        """The shards of this run's share not on disk, or unreadable (those are computed again)."""
         return [i for i in self.shards if not self.artifact.has_shard(i)]
+
+    def absent(self) -> list[int]:
+        """The shards of this run's share not on disk, from one listing of the folder: cheap enough to poll
+        every few seconds on a network filesystem (a visible shard is complete: it appears by a rename)."""
+        try:
+            names = set(os.listdir(self.artifact.root))
+        except FileNotFoundError:
+            names = set()
+        return [i for i in self.shards if self.artifact.shard_path(i).name not in names]
 
 
 # (set, shard index, the next shard of the same set this lane will take, for prefetching) → the shard's record
@@ -131,7 +142,7 @@ def on_devices(stage: str, cfg: Any, groups: list[list[str] | None]) -> Compute:
     (images and composites in one launch) through the same claims."""
 
     def compute(sets: list[ShardSet], claims: dict[str, ShardClaims], report: Report) -> None:
-        timeout = next(iter(claims.values())).timeout
+        timeout = claims[sets[0].label].timeout
         run_logger().info(f"[{stage}] {len(groups)} workers: {groups}")
         futures = [
             run_stage_worker.with_options(task_run_name=f"{stage}-worker-{w}").submit(
@@ -165,8 +176,9 @@ def run_stage(sets: list[ShardSet], compute: Compute, claim_timeout: float) -> l
     """Bring every set to complete (or, for a part, its share to on-disk) and return one summary per set."""
     pending = [s for s in sets if not s.artifact.is_complete()]
     started = time.time()
-    claims = {s.label: _prepare(s, claim_timeout) for s in pending}
-    report = _progress(pending)
+    missing = {s.label: _prepare(s) for s in pending}
+    claims = {s.label: ShardClaims(s.artifact.root, claim_timeout, run_logger()) for s in pending}
+    report = _progress(pending, missing)
     while todo := [s for s in pending if s.missing()]:
         compute(todo, claims, report)
         wait_for_others(todo, claims)
@@ -178,9 +190,11 @@ def run_stage(sets: list[ShardSet], compute: Compute, claim_timeout: float) -> l
     return [_summary(s) if s in pending else skipped_summary(s.label, s.artifact) for s in sets]
 
 
-def _progress(sets: list[ShardSet]) -> Report:
+def _progress(sets: list[ShardSet], missing: dict[str, list[int]]) -> Report:
     """A progress bar per set (log lines and a Prefect progress artifact), advanced by finished shards."""
-    bars = {s.label: Progress(s.label, len(s.shards), done=len(s.shards) - len(s.missing())) for s in sets}
+    bars = {
+        s.label: Progress(s.label, len(s.shards), done=len(s.shards) - len(missing[s.label])) for s in sets
+    }
     lock = threading.Lock()
 
     def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> None:
@@ -193,7 +207,8 @@ def _progress(sets: list[ShardSet]) -> Report:
     return report
 
 
-def _prepare(s: ShardSet, claim_timeout: float) -> ShardClaims:
+def _prepare(s: ShardSet) -> list[int]:
+    """The set's folder made and cleared of dead writers' temporaries; returns its missing shards."""
     s.artifact.root.mkdir(parents=True, exist_ok=True)
     s.artifact.clean_stale_temporaries()
     missing = s.missing()
@@ -201,7 +216,7 @@ def _prepare(s: ShardSet, claim_timeout: float) -> ShardClaims:
         f"[{s.label}] {len(s.shards) - len(missing)} of {len(s.shards)} shards already done, "
         f"{len(missing)} to run → {s.artifact.root}"
     )
-    return ShardClaims(s.artifact.root, claim_timeout, run_logger())
+    return missing
 
 
 def wait_for_others(sets: list[ShardSet], claims: dict[str, ShardClaims]) -> None:
@@ -211,7 +226,7 @@ def wait_for_others(sets: list[ShardSet], claims: dict[str, ShardClaims]) -> Non
     def holders() -> list[str] | None:
         held = []
         for s in sets:
-            for i in s.missing():
+            for i in s.absent():
                 claim = claims[s.label].live_holder(shard_claim(i))
                 if claim is None:
                     return None

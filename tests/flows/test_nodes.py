@@ -1,8 +1,9 @@
 """Two nodes of one multi-node `t2i run`, simulated on this machine: two processes with their own working
-directories and Prefect homes (reporting to one Prefect server, as a team's nodes do), one shared workspace, `train.nodes=2` with gloo
-on 127.0.0.1. Every shard of every data stage is renamed into place exactly once (counted by the kernel's
-inotify, not by the code under test), the data equal a one-node run's table for table, one training job spans
-both nodes, and node 0 alone evaluates; a node SIGKILLed mid-recaption and restarted loses nothing else."""
+directories and Prefect homes (reporting to one Prefect server, as a team's nodes do), one shared workspace,
+`train.nodes=2` with gloo on 127.0.0.1. Every shard of every data stage is renamed into place exactly once
+(counted by the kernel's inotify, not by the code under test), the data equal a one-node run's table for
+table, one training job spans both nodes, and node 0 alone evaluates; a node SIGKILLed mid-recaption and
+restarted loses nothing else."""
 
 from __future__ import annotations
 
@@ -34,9 +35,7 @@ class Node:
         sets = [a for o in [*overrides, f"train.node_rank={rank}"] for a in ("--set", o)]
         self.argv = [T2I, "run", "--preset", "tiny", "--workspace", str(workspace), *sets]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-        self.env.update(
-            PREFECT_HOME=str(self.dir / "prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180"
-        )
+        self.env.update(PREFECT_HOME=str(self.dir / "prefect"), PREFECT_API_URL=server)
         self.proc, self.starts, self.seconds = None, 0, 0.0
 
     def start(self) -> None:

@@ -1,6 +1,7 @@
-"""A machine's GPUs, grouped by one function for every path: the stage workers a flow starts and `t2i worker`'s
-Prefect workers both use the GPUs a scheduler allocated (CUDA_VISIBLE_DEVICES), one group each; bad GPU lists
-fail before anything starts. The GPU count is faked (torch.cuda.device_count) on this CPU machine."""
+"""A machine's GPUs, grouped by one function for every path: the stage workers a flow starts (their test:
+tests/tasks/test_latents.py) and `t2i worker`'s Prefect workers both use the GPUs a scheduler allocated
+(CUDA_VISIBLE_DEVICES), one group each; bad GPU lists fail before anything starts. The GPU count is faked
+(torch.cuda.device_count) on this CPU machine."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 from t2i.flows.cli import main
 from t2i.flows.service import worker_commands
 from t2i.tasks.device_workers import gpu_groups
-from tests.conftest import REPO, run_cli
 
 # The real CLI in a process whose torch reports `n` GPUs (its children, the workers, see the real count: 0).
 WITH_GPUS = "import sys, t2i.models, torch; torch.cuda.device_count = lambda: {n}; from t2i.flows.cli import main; sys.exit(main(sys.argv[1:]))"  # noqa: E501
@@ -79,22 +79,6 @@ def test_one_parts_worker_per_gpu_group_and_one_for_whole_runs():
     assert part[part.index("--work-queue") + 1] == "parts" and part[part.index("--limit") + 1] == "1"
     ((name, _, env),) = worker_commands("gpu", [None], limit=1, host="laptop")[1:]
     assert name == "laptop-cpu" and env == {}
-
-
-def test_a_flows_stage_workers_run_on_the_allocated_gpus(workspace, cli_env):
-    """`t2i latents` on a machine where the scheduler set CUDA_VISIBLE_DEVICES=4,5: one VAE worker on each,
-    as each worker reports from its own environment."""
-    ws = ["--preset", "tiny", "--workspace", str(workspace), "--set", "download.max_images=16",
-          "--set", "download.shard_size=8", "--set", "cutmix.enabled=false", "--set", "text.mode=online"]  # fmt: skip
-    run_cli(["download", *ws], cli_env)
-    proc = subprocess.run([*with_gpus(2), "latents", *ws], env={**cli_env, "CUDA_VISIBLE_DEVICES": "4,5"},
-                          capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "[latents] 2 workers: [['4'], ['5']]" in out
-    reported = {line.rsplit("CUDA_VISIBLE_DEVICES=", 1)[1].split()[0] for line in out.splitlines()
-                if "[latents] worker" in line and "CUDA_VISIBLE_DEVICES=" in line}  # fmt: skip
-    assert reported == {"4", "5"}
 
 
 def _children(pid: int) -> list[int]:

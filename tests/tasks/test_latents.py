@@ -79,9 +79,12 @@ def test_reconstruction_quality_tells_a_random_vae_from_the_trained_one(prefect_
     assert quality["psnr"] < 15 and quality["shapes_score"] < 0.2
 
 
-def test_two_latents_workers_write_what_one_process_writes(prefect_harness, workspace, tmp_path, caplog):
-    """Each visible GPU gets a worker process with its own VAE (here two CPU workers), started once for the
-    images and the composites: same shards, same rows as one process."""
+def test_two_latents_workers_write_what_one_process_writes(
+    prefect_harness, workspace, tmp_path, caplog, monkeypatch
+):
+    """On a machine where a scheduler gave the job GPUs 4 and 5 (CUDA_VISIBLE_DEVICES=4,5, the GPU count faked
+    for this CPU machine), each GPU gets a worker process with its own VAE, started once for the images and
+    the composites, each on its own GPU as the worker itself reports; they write what one process writes."""
     import re
     import shutil
 
@@ -90,11 +93,14 @@ def test_two_latents_workers_write_what_one_process_writes(prefect_harness, work
     download_flow(one)
     cutmix_flow(one)
     shutil.copytree(workspace, tmp_path / "other")
-    two = load_config("tiny", [*base, "latents.workers=2"], str(tmp_path / "other"))
+    two = load_config("tiny", base, str(tmp_path / "other"))
     latents_flow(one)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the workers themselves see this CPU's none
     summary = latents_flow(two)
-    assert caplog.text.count("[latents] 2 workers: [None, None]") == 1
-    assert len(re.findall(r"\[latents\] worker \d: pid \d+, CUDA_VISIBLE_DEVICES=None", caplog.text)) == 2
+    assert caplog.text.count("[latents] 2 workers: [['4'], ['5']]") == 1
+    reported = re.findall(r"\[latents\] worker \d: pid \d+, CUDA_VISIBLE_DEVICES=(\S+)", caplog.text)
+    assert sorted(reported) == ["4", "5"]
     assert summary["complete"] and summary["composites"]["complete"]
     for name, images in Plan(two).image_sets():
         ours, theirs = Plan(two).latents_of(images), Plan(one).latents_of(dict(Plan(one).image_sets())[name])
