@@ -93,7 +93,10 @@ def precompute_text(cfg: PipelineConfig, plan: Plan) -> list[dict[str, Any]]:
         if not text.is_complete():
             captions = plan.require("recaption", captions)
         shards = part_shards(n, cfg.latents.part_index)
-        extra = lambda text=text: {"encoder": cfg.text.encoder, **null_embedding(cfg.text, text.workspace)}  # noqa: E731
+
+        def extra(text=text) -> dict[str, Any]:
+            return {"encoder": cfg.text.encoder, **null_embedding(cfg.text, text.workspace)}
+
         sets.append(ShardSet(f"text{SUFFIX[name]}", text, n, shards, captions, extra))
     runners = {s.label: text_shard.with_options(task_run_name=f"{s.label}-{{index}}") for s in sets}
     compute = in_process(

@@ -42,7 +42,7 @@ def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
     compute = (
         on_devices("recaption", rc, groups)
         if len(groups) > 1
-        else in_process(_in_process(rc), lookahead=True)
+        else in_process(_caption_in_process(rc), lookahead=True)
     )
     summaries = run_stage(sets, compute, cfg.cluster.claim_timeout)
     for s, summary in zip(sets, summaries, strict=True):
@@ -51,7 +51,7 @@ def recaption_flow(cfg: PipelineConfig) -> dict[str, Any]:
     return {**summaries[0], "composites": summaries[1] if len(summaries) > 1 else None}
 
 
-def _in_process(rc):
+def _caption_in_process(rc):
     runners = {
         label: recaption_shard.with_options(task_run_name=f"{label}-{{index}}") for label in LABELS.values()
     }
