@@ -9,13 +9,16 @@ so a shard and its rejects appear together or not at all.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
+import sys
 import time
 import uuid
 from collections import Counter
@@ -229,7 +232,8 @@ class Artifact:
 def atomic_path(final: Path):
     """Yield a temporary sibling path; on success it replaces `final` atomically, on error it is removed.
 
-    Works for files and directories (a directory replaces only a missing or empty target). The temporary is
+    Works for files and directories (a directory replaces only a missing or empty target). The temporary's
+    data, and then the rename, are synced to the disk. The temporary is
     named `.tmp-<host>-<pid>-<random>-<name>` so that `clean_stale_temporaries` can tell whose it is.
     """
     final = Path(final)
@@ -237,15 +241,45 @@ def atomic_path(final: Path):
     tmp = final.parent / f"{_TMP_PREFIX}{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
     try:
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+        sync_tree(tmp)
         os.replace(tmp, final)
+        _fsync(final.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: Path) -> None:
+    """Flush a file, or a folder's files and the folder entries, to the disk: after a crash, what was renamed
+    into place is whole (a rename alone can reach the disk before the data it names)."""
+    if path.is_dir():
+        for folder, _, files in os.walk(path, topdown=False):
+            for name in files:
+                _fsync(Path(folder) / name)
+            _fsync(Path(folder))
+    elif path.exists():
+        _fsync(path)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux), so a killed job leaves no process
+    working on its own; if the parent is already gone, exit now."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
 
 
 @functools.cache

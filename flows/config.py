@@ -425,6 +425,21 @@ class TrainConfig(StageConfig):
     master_port: int = Field(
         29500, ge=1, le=65535, description="Rendezvous port on node 0 (multi-node jobs)."
     )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Times torchrun restarts a job whose rank or node failed, each time from the newest good "
+        "checkpoint (multi-process jobs).",
+    )
+    rendezvous_timeout: int = Field(
+        1800, ge=60, description="Seconds the nodes of a job wait for each other to start (multi-node jobs)."
+    )
+    collective_timeout: int = Field(
+        300,
+        ge=30,
+        description="Seconds a rank waits in a collective for a lost rank before the job fails and restarts.",
+    )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
     later_fields: ClassVar[frozenset[str]] = frozenset({"patch_size"})
@@ -443,6 +458,9 @@ class TrainConfig(StageConfig):
             "node_rank",
             "master_addr",
             "master_port",
+            "max_restarts",
+            "rendezvous_timeout",
+            "collective_timeout",
         }
     )
 

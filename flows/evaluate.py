@@ -38,6 +38,6 @@ def evaluate_flow(cfg: PipelineConfig) -> dict[str, Any]:
 
     artifact.root.mkdir(parents=True, exist_ok=True)
     claims = ShardClaims(artifact.root, cfg.cluster.claim_timeout, run_logger())
-    wrote = write_once(artifact, claims, evaluate, "evaluate")
+    wrote = write_once(artifact, claims, evaluate, "evaluate manifest")
     metrics = artifact.read_manifest()["metrics"]
     return {"stage": "evaluate", "path": str(artifact.root), "skipped": not wrote, "metrics": metrics}

@@ -263,7 +263,7 @@ def _finalizer(s: ShardSet, claims: ShardClaims, started: float) -> Callable[[bo
             f"{manifest['rejects_by_reason'] or ''} in {manifest['seconds']:.1f}s → {art.root}"
         )
 
-    return lambda wait: write_once(art, claims, write, s.label, wait)
+    return lambda wait: write_once(art, claims, write, f"{s.label} manifest", wait)
 
 
 def _summary(s: ShardSet) -> dict[str, Any]:
@@ -275,32 +275,37 @@ def _summary(s: ShardSet) -> dict[str, Any]:
 
 
 def write_once(
-    artifact: Artifact, claims: ShardClaims, write: Callable[[], Any], label: str, wait: bool = True
+    artifact: Artifact,
+    claims: ShardClaims,
+    write: Callable[[], Any],
+    label: str,
+    wait: bool = True,
+    name: str = MANIFEST_CLAIM,
 ) -> bool:
     """Run `write` (which ends by writing the artifact's manifest) in exactly one process: this one, unless
-    another live process claimed it first, in which case wait for its manifest (or, without `wait`, return at
-    once). True if this process wrote it."""
+    another live process claimed `name` first, in which case wait for its manifest (or, without `wait`,
+    return at once). True if this process wrote it."""
     while not artifact.is_complete():
-        if claims.take(MANIFEST_CLAIM):
+        if claims.take(name):
             if artifact.is_complete():  # written by a holder that has exited since
-                claims.release(MANIFEST_CLAIM)
+                claims.release(name)
                 break
             try:
                 write()
             except BaseException:
-                claims.release(MANIFEST_CLAIM)
+                claims.release(name)
                 raise
-            claims.finish(MANIFEST_CLAIM)
+            claims.finish(name)
             return True
         if not wait:
             return False
 
         def done_or_free() -> bool:
-            return artifact.is_complete() or claims.live_holder(MANIFEST_CLAIM) is None
+            return artifact.is_complete() or claims.live_holder(name) is None
 
         def waiting_for() -> str:
-            holder = claims.live_holder(MANIFEST_CLAIM)
-            return f"the {label} manifest, written by {holder.who() if holder else 'another process'}"
+            holder = claims.live_holder(name)
+            return f"the {label}, written by {holder.who() if holder else 'another process'}"
 
         poll_until(done_or_free, waiting_for)
     return False

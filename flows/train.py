@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 from prefect import flow
 
+from t2i.data.claims import ShardClaims
 from t2i.data.store import FINAL
+from t2i.data.train_data import build_train_table, train_table_for
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
-from t2i.flows.stage_runner import skipped_summary
+from t2i.flows.stage_runner import skipped_summary, write_once
 from t2i.models.tiny import resolve_model
-from t2i.tasks.train import launch_distributed, train_denoiser
+from t2i.tasks.train import table_inputs, train_denoiser
+from t2i.tasks.train_job import TrainJob, launch_distributed
 
 
 def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> dict[str, list[float]]:
@@ -39,41 +43,67 @@ def training_processes(cfg: PipelineConfig) -> int:
     return max(1, torch.cuda.device_count()) if cfg.train.device in ("auto", "cuda") else 1
 
 
-@flow(name="train", description="Train the text-to-image denoiser (resumable).", log_prints=True)
-def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
-    plan = Plan(cfg)
-    latents, captions = plan.require("latents"), plan.require("recaption")
-    artifact = plan.checkpoints
-    if artifact.is_complete():
-        return skipped_summary("train", artifact)
-    started = time.time()
-    scale = resolve_scale_factor(cfg, plan)
-    processes = training_processes(cfg)
-    args = (cfg.train, cfg.text, artifact, latents, captions, plan.num_shards, scale)
-    vae_path = resolve_model(cfg.latents.vae, cfg.workspace_path)
+def train_job(cfg: PipelineConfig, plan: Plan | None = None, stop_after: int | None = None) -> TrainJob:
+    """The training job of this config: what the in-process run and every torchrun worker receive."""
+    plan = plan or Plan(cfg)
+    if cfg.text.mode == "online":  # a tiny encoder is built here once, not by every rank at the same time
+        resolve_model(cfg.text.encoder, cfg.workspace_path)
     composites = None
     if plan.composites is not None:
         composites = (
             plan.require("latents", plan.latents_of(plan.composites)),
             plan.require("recaption", plan.captions_of(plan.composites)),
-            plan.num_shards,
         )
-    text_embeddings = [
+    text_embeddings = tuple(
         plan.require("latents", text)
         for _, images in plan.image_sets()
         if (text := plan.text_of(plan.captions_of(images))) is not None
-    ]
-    kwargs = {"vae_path": vae_path, "composites": composites, "text_embeddings": text_embeddings}
+    )
+    return TrainJob(
+        train=cfg.train,
+        text=cfg.text,
+        checkpoints=plan.checkpoints,
+        latents=plan.require("latents"),
+        captions=plan.require("recaption"),
+        num_shards=plan.num_shards,
+        latent_norm=resolve_scale_factor(cfg, plan),
+        vae_path=resolve_model(cfg.latents.vae, cfg.workspace_path),
+        composites=composites,
+        text_embeddings=text_embeddings,
+        stop_after=stop_after,
+    )
+
+
+def build_tables_once(job: TrainJob, claim_timeout: float) -> None:
+    """The train tables, built by the first node that gets here while the others wait for them (a node
+    that built its own copy would spend the time and the disk again, then start late)."""
+    for latents, captions, text in table_inputs(job):
+        table = train_table_for(latents, captions, text)
+        build = functools.partial(build_train_table, table, latents, captions, job.num_shards, text)
+        claims = ShardClaims(table.root.parent, timeout=claim_timeout)
+        write_once(table, claims, build, "train table", name=table.fingerprint)
+
+
+@flow(name="train", description="Train the text-to-image denoiser (resumable).", log_prints=True)
+def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    plan = Plan(cfg)
+    artifact = plan.checkpoints
+    if artifact.is_complete():
+        return skipped_summary("train", artifact)
+    started = time.time()
+    job = train_job(cfg, plan)
+    processes = training_processes(cfg)
     if processes > 1 or cfg.train.nodes > 1:
-        result = launch_distributed(*args, processes, **kwargs)
+        build_tables_once(job, cfg.cluster.claim_timeout)
+        result = launch_distributed(job, processes)
     else:
-        result = train_denoiser(*args, **kwargs)
+        result = train_denoiser(job)
     if cfg.train.node_rank != 0:  # node 0 writes the manifest once the whole job is done
         return {"stage": "train", "path": str(artifact.root), "skipped": False, **result}
     artifact.write_manifest(
         config=artifact.extra["config"],
         inputs=artifact.extra["inputs"],
         started=started,
-        extra={**result, "latent_norm": scale, "final": str(artifact.root / FINAL)},
+        extra={**result, "latent_norm": job.latent_norm, "final": str(artifact.root / FINAL)},
     )
     return {"stage": "train", "path": str(artifact.root), "skipped": False, **result}

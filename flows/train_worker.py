@@ -1,5 +1,6 @@
-"""One process of a distributed training job (started by torchrun from the train task): reads the job
-spec, runs the same training loop as the in-process path, and the main process writes the result."""
+"""The processes of a distributed training job: `--launch` runs torchrun (dying with the task that started
+it), and each torchrun worker runs `train_denoiser` on the job the train flow described (dying with torchrun).
+Global rank 0 writes the result; a stop every rank agrees on is recorded, not restarted."""
 
 from __future__ import annotations
 
@@ -10,38 +11,48 @@ import sys
 from pathlib import Path
 
 import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
-from t2i.data.store import Artifact, atomic_path
+from t2i.data.store import atomic_path
+from t2i.tasks.train_job import TrainJob, die_with_parent, record_stop, run_torchrun
 
 
-def main(spec_path: str) -> int:
-    from t2i.flows.config import TextConfig, TrainConfig
-    from t2i.tasks.train import train_denoiser
+def worker_logger(rank: int) -> logging.Logger:
+    """The `t2i` logger of this rank, on stderr (which torchrun passes to the task's log): rank 0 says
+    everything, the others their warnings and errors."""
+    logger = logging.getLogger("t2i")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    return logger
 
+
+def main(job_path: str) -> int:
+    from t2i.tasks.train import StopTraining, train_denoiser
+
+    die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s"
-    )
-    spec = json.loads(Path(spec_path).read_text())
-
-    result = train_denoiser.fn(
-        TrainConfig.model_validate(spec["train"]),
-        TextConfig.model_validate(spec["text"]),
-        Artifact.from_ref(spec["artifact"]),
-        Artifact.from_ref(spec["latents"]),
-        Artifact.from_ref(spec["captions"]),
-        spec["num_shards"],
-        spec["scale_factor"],
-        vae_path=spec.get("vae_path"),
-        composites=(Artifact.from_ref(comp[0]), Artifact.from_ref(comp[1]), comp[2])
-        if (comp := spec.get("composites"))
-        else None,
-        text_embeddings=[Artifact.from_ref(ref) for ref in spec.get("text_embeddings", [])],
-    )
+    log = worker_logger(rank)
+    job = TrainJob.model_validate_json(Path(job_path).read_text())
+    if restart := int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):
+        log.warning(
+            f"[train] restart {restart} of at most {job.train.max_restarts} after a failed rank or node "
+            "(its error is above): resuming from the newest good checkpoint"
+        )
+    try:
+        result = train_denoiser.fn(job)
+    except StopTraining as exc:  # every rank stops here; restarting would meet it again
+        log.error(str(exc))
+        if rank == 0:
+            record_stop(job, exc)
+        return 0
     if rank == 0:
-        with atomic_path(Path(spec_path).with_name("result.json")) as tmp:
+        with atomic_path(job.launch_dir / "result.json") as tmp:
             tmp.write_text(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--launch":
+        sys.exit(run_torchrun(sys.argv[2:]))
     sys.exit(main(sys.argv[1]))

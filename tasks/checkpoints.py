@@ -68,8 +68,10 @@ def load_final(root: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[s
     return model.to(device).eval(), meta
 
 
-def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path / "state.pt", map_location=device, weights_only=True)
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state, memory-mapped: tensors are read from the file when used, and the page cache is
+    shared by the ranks of a node instead of each rank holding its own copy in RAM."""
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -85,32 +87,40 @@ def to_cpu(obj: Any) -> Any:
 
 class CheckpointWriter:
     """Writes checkpoints on a background thread from a CPU copy of the state: the process that saves goes
-    back to training once the copy is made, and no other rank waits for the disk. A save, and `close`,
-    first wait for the previous write, and re-raise its error."""
+    back to training once the copy is made, and no other rank waits for the disk. `failure` tells the
+    training loop at its next health check that a write failed; a save, and `close`, first wait for the
+    previous write and re-raise its error."""
 
     def __init__(self, root: Path, keep: int) -> None:
         self.root, self.keep = root, keep
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._step = 0
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         self.wait()
         snapshot = to_cpu(state)
+        self._step = step
         self._thread = threading.Thread(target=self._write, args=(step, snapshot), name="checkpoint-writer")
         self._thread.start()
 
     def _write(self, step: int, state: dict[str, Any]) -> None:
         try:
             save_checkpoint(self.root, step, state, self.keep)
-        except BaseException as exc:  # re-raised in the training thread by the next wait()
+        except BaseException as exc:  # reported by `failure`, re-raised in the training thread by wait()
             self._error = exc
 
-    def wait(self) -> None:
+    @property
+    def failure(self) -> str | None:
+        """What went wrong with the last write, once it has failed (without waiting for a write in flight)."""
+        if self._error is None:
+            return None
+        return f"writing checkpoint step-{self._step:08d} failed: {type(self._error).__name__}: {self._error}"
+
+    def wait(self, raise_error: bool = True) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
+        if self._error is not None and raise_error:
             error, self._error = self._error, None
             raise error
-
-    close = wait

@@ -8,7 +8,9 @@ database loses nothing and a shard deleted on disk is simply redone.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -28,8 +30,19 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("t2i")
 
 
+ARTIFACT_LINE = "T2I-ARTIFACT "  # a torchrun worker's artifact, published by the task that launched it
+RELAY_ENV = "T2I_RELAY_ARTIFACTS"
+
+
 def publish_markdown(markdown: str, key: str, description: str) -> None:
-    """A Prefect markdown artifact for the UI; outside a flow run there is nowhere to publish it."""
+    """A Prefect markdown artifact for the UI; outside a flow run there is nowhere to publish it. A torchrun
+    worker has no run of its own: it hands the artifact to its task on its output."""
+    if os.environ.get(RELAY_ENV):
+        print(
+            ARTIFACT_LINE + json.dumps({"markdown": markdown, "key": key, "description": description}),
+            flush=True,
+        )
+        return
     try:
         from prefect.artifacts import create_markdown_artifact
 

@@ -9,10 +9,11 @@ comes from generators seeded by the step, so a resumed run replays exactly what 
 from __future__ import annotations
 
 import contextlib
-import json
+import datetime
 import math
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,12 +41,21 @@ from t2i.tasks.train_batches import (
     scatter_kept,
     step_generator,
 )
+from t2i.tasks.train_job import TrainJob
 
 if TYPE_CHECKING:
     from t2i.flows.config import TextConfig, TrainConfig
 
 
-class NonFiniteLoss(RuntimeError):
+class StopTraining(RuntimeError):
+    """Every rank stops at the same step for a reason a restart would meet again."""
+
+
+class NonFiniteLoss(StopTraining):
+    pass
+
+
+class CheckpointWriteFailed(StopTraining):
     pass
 
 
@@ -58,22 +68,24 @@ def open_train_table(
     )
 
 
-def train_tables(
-    text_cfg: TextConfig,
-    latents: Artifact,
-    captions: Artifact,
-    num_shards: int,
-    composites: tuple[Artifact, Artifact, int] | None,
-    text_embeddings: Sequence[Artifact],
-) -> tuple[TrainTable, TrainTable | None]:
-    """The tables of the images and of the composites (with their stored text in precomputed mode). The
-    distributed launcher calls this before the ranks start, so they only open what it built."""
-    stored = list(text_embeddings) if text_cfg.mode == "precomputed" else []
-    if text_cfg.mode == "precomputed" and not stored:
+def table_inputs(job: TrainJob) -> list[tuple[Artifact, Artifact, Artifact | None]]:
+    """(latents, captions, stored text or None) of the images, then of the composites if any."""
+    stored = list(job.text_embeddings) if job.text.mode == "precomputed" else []
+    if job.text.mode == "precomputed" and not stored:
         raise ValueError("text.mode is precomputed but no text artifact was given: run the latents stage")
-    table = open_train_table(latents, captions, num_shards, stored[0] if stored else None)
-    comps = open_train_table(*composites, stored[1] if len(stored) > 1 else None) if composites else None
-    return table, comps
+    inputs = [(job.latents, job.captions, stored[0] if stored else None)]
+    if job.composites is not None:
+        inputs.append((*job.composites, stored[1] if len(stored) > 1 else None))
+    return inputs
+
+
+def train_tables(job: TrainJob) -> tuple[TrainTable, TrainTable | None]:
+    """The memory-mapped tables of the images and of the composites, built first if missing."""
+    tables = [
+        open_train_table(latents, captions, job.num_shards, text)
+        for latents, captions, text in table_inputs(job)
+    ]
+    return tables[0], tables[1] if len(tables) > 1 else None
 
 
 LatentNorm = dict[str, list[float]] | float  # {"shift": [C], "scale": [C]}, or one scale with no shift
@@ -306,9 +318,21 @@ class StepLog:
         self.count, self.seen, self.grad_norm = self.count + 1, self.seen + samples, grad_norm
         self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), step, self.first_bad)
 
-    def check(self, root: Path) -> None:
-        """Stop every rank at the same step if any rank's loss went non-finite."""
-        firsts = self.accelerator.gather(self.first_bad.reshape(1))
+    def check(self, root: Path, writer: CheckpointWriter | None) -> None:
+        """Stop every rank at the same step if any rank's loss went non-finite, or rank 0's background
+        checkpoint write failed (the error named on every rank)."""
+        from accelerate.utils import broadcast_object_list
+
+        failed = writer is not None and writer.failure is not None
+        flags = torch.stack([self.first_bad, torch.tensor(int(failed), device=self.first_bad.device)])
+        gathered = self.accelerator.gather(flags.reshape(1, 2))
+        firsts, failures = gathered[:, 0], gathered[:, 1]
+        if failures.any():
+            failure = broadcast_object_list([writer.failure if writer else None], from_process=0)[0]
+            raise CheckpointWriteFailed(
+                f"train: {failure} (on rank 0); the job stops, the checkpoints on disk are kept in "
+                f"{root / CHECKPOINTS}"
+            )
         if (firsts >= 0).any():
             step = int(firsts[firsts >= 0].min())
             raise NonFiniteLoss(
@@ -337,12 +361,15 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     device = pick_device(cfg.device)
     if device.startswith("cuda"):  # TF32 for the float32 matmuls outside autocast (text encoder, EMA)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+    # a collective that waits longer than this for a lost rank fails, so torchrun can restart the group
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.collective_timeout))
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
 
 
 def rank_batch(cfg: TrainConfig, world: int) -> int:
@@ -388,8 +415,39 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> int:
     return state["step"]
 
 
-def build_trainer(cfg, accelerator, build, text: TrainText, scale_factor, root: Path, log):
-    """Model, EMA, optimizer and scheduler on the training device, resumed from the newest checkpoint,
+def newest_loadable(root: Path, log) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, memory-mapped (its pages are read on demand and shared by the ranks
+    of a node). One that does not (torn by a crash) is moved aside as `torn-step-…`, kept for a person to
+    look at, and the one before is tried, saying which and why."""
+    for path in reversed(checkpoint_dirs(root)):
+        try:
+            return path, load_state(path)
+        except Exception as exc:  # a truncated or corrupt file: torch raises RuntimeError, EOFError, …
+            reason = f"{type(exc).__name__}: {str(exc).split('. ')[0][:160]}"
+            aside = path.with_name(f"torn-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            log.warning(
+                f"[train] {path.name} cannot be loaded ({reason}); moved aside to {aside.name}, trying the "
+                "checkpoint before it"
+            )
+    return None
+
+
+def resume_point(accelerator, root: Path, log) -> tuple[str | None, dict[str, Any] | None]:
+    """Rank 0 chooses the checkpoint (each rank listing a network folder itself could see another newest)
+    and every rank loads that one."""
+    from accelerate.utils import broadcast_object_list
+
+    found = newest_loadable(root, log) if accelerator.is_main_process else None
+    name = broadcast_object_list([found[0].name if found else None], from_process=0)[0]
+    if name is None:
+        return None, None
+    return name, found[1] if found else load_state(root / CHECKPOINTS / name)
+
+
+def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: Path, log):
+    """Model, EMA, optimizer and scheduler on the training device, resumed from the newest good checkpoint,
     then prepared (DDP); the step to continue from."""
     torch.manual_seed(cfg.seed)
     model = build().to(accelerator.device)
@@ -399,15 +457,17 @@ def build_trainer(cfg, accelerator, build, text: TrainText, scale_factor, root: 
     )
     trainer = Trainer(cfg, accelerator, model, EMA(model, decay=cfg.ema_decay), optimizer, scheduler, text)
     step = 0
-    if ckpts := checkpoint_dirs(root):
-        step = restore(trainer, load_state(ckpts[-1]))
-        log.info(f"[train] resuming from {ckpts[-1].name} (step {step} of {cfg.steps})")
+    name, state = resume_point(accelerator, root, log)
+    if state is not None:
+        step = restore(trainer, state)
+        del state
+        log.info(f"[train] resuming from {name} (step {step} of {cfg.steps})")
     else:
         shape = "×".join(map(str, text.table.latent_shape))
         log.info(
             f"[train] {cfg.model}-{cfg.size} (patch {model.config.patch_size}): "
             f"{count_parameters(model) / 1e6:.2f}M parameters, {len(text.table)} samples, "
-            f"latents {shape}, normalised by {describe_norm(scale_factor)}"
+            f"latents {shape}, normalised by {describe_norm(latent_norm)}"
         )
     trainer.model, trainer.optimizer = accelerator.prepare(model, optimizer)
     return trainer, step
@@ -427,8 +487,11 @@ def after_step(trainer: Trainer, step: int, last_stop: int, steplog: StepLog, ou
     cfg, root = trainer.cfg, outputs["root"]
     log_now = step % cfg.log_every == 0 or step == last_stop
     save_now = step % cfg.checkpoint_every == 0 or step == last_stop
+    writer = outputs.get("writer")
+    if save_now and writer is not None:  # the previous write has ended (or failed) before the ranks agree
+        writer.wait(raise_error=False)
     if log_now or save_now:
-        steplog.check(root)
+        steplog.check(root, writer)
     board = outputs.get("board")
     if log_now:
         stats = steplog.flush(trainer.scheduler.get_last_lr()[0])
@@ -449,59 +512,38 @@ def after_step(trainer: Trainer, step: int, last_stop: int, steplog: StepLog, ou
                 f"train: weights became non-finite by step {step}; the last good checkpoint is kept in "
                 f"{root / CHECKPOINTS}"
             )
-        if (writer := outputs.get("writer")) is not None:
+        if writer is not None:
             writer.save(step, training_state(trainer, step))
 
 
 @task(name="train", retries=0)
-def train_denoiser(
-    cfg: TrainConfig,
-    text_cfg: TextConfig,
-    artifact: Artifact,
-    latents: Artifact,
-    captions: Artifact,
-    num_shards: int,
-    scale_factor: LatentNorm,
-    stop_after: int | None = None,
-    composites: tuple[Artifact, Artifact, int] | None = None,
-    vae_path: str | None = None,
-    text_embeddings: Sequence[Artifact] = (),
-) -> dict[str, Any]:
-    """Train to `cfg.steps` (or stop after step `stop_after`, for tests), resuming from the newest checkpoint.
+def train_denoiser(job: TrainJob) -> dict[str, Any]:
+    """Train to `train.steps` (or stop after step `job.stop_after`), resuming from the newest good checkpoint.
 
-    `composites` (latents, captions, shard count) is the CutMix stream: a composite replaces a sample when
-    its t > cutmix_threshold and a coin with probability cutmix_p says so. `text_embeddings` are the
-    precomputed text artifacts (images', then composites') when `text.mode` is precomputed.
+    With composites, a composite replaces a sample when its t > cutmix_threshold and a coin with
+    probability cutmix_p says so.
     """
-    log, root = run_logger(), artifact.root
+    cfg, log, root = job.train, run_logger(), job.checkpoints.root
     accelerator = make_accelerator(cfg)
     rank_batch(cfg, accelerator.num_processes)
-    table, comps = train_tables(text_cfg, latents, captions, num_shards, composites, text_embeddings)
-    text = TrainText(text_cfg, table, artifact.workspace, accelerator.device)
+    table, comps = train_tables(job)
+    text = TrainText(job.text, table, job.checkpoints.workspace, accelerator.device)
     c, h, _ = table.latent_shape
 
     def build() -> torch.nn.Module:
         return build_denoiser(cfg.model, cfg.size, latent_channels=c, latent_size=h, text_dim=text.dim,
                               patch_size=cfg.patch_size)  # fmt: skip
 
-    trainer, step = build_trainer(cfg, accelerator, build, text, scale_factor, root, log)
+    trainer, step = build_trainer(cfg, accelerator, build, text, job.latent_norm, root, log)
     syncs, first, steplog = watch_gradient_syncs(trainer.model), step, StepLog(accelerator)
-    last_stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    shift, scale = latent_norm_tensors(scale_factor, c)
+    last_stop = cfg.steps if job.stop_after is None else min(cfg.steps, job.stop_after)
+    shift, scale = latent_norm_tensors(job.latent_norm, c)
     batches = iter(batch_loader(
         StepBatches(cfg, trainer.objective, table, comps, step, last_stop, accelerator.process_index,
                     accelerator.num_processes, shift, scale),
         cfg.loader_workers, pin_memory=accelerator.device.type == "cuda",
     ))  # fmt: skip
-    outputs = {"root": root}
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        outputs["writer"] = CheckpointWriter(root, cfg.keep_checkpoints)
-        outputs["board"] = SummaryWriter(str(root / "tensorboard"))
-        if vae_path and cfg.sample_prompts:
-            outputs["preview"] = SamplePreview(root, vae_path, text, cfg.sample_prompts, scale_factor, cfg, build,
-                                               accelerator.device)  # fmt: skip
+    outputs = rank_outputs(job, accelerator, text, build)
     try:
         while step < last_stop:
             t_step = time.perf_counter()
@@ -511,14 +553,35 @@ def train_denoiser(
             steplog.add(step, loss, grad_norm, cfg.batch_size)
             after_step(trainer, step, last_stop, steplog, outputs, log)
         next(batches, None)  # the loader is exhausted: its workers exit now, not at garbage collection
+    except BaseException:
+        if "writer" in outputs:  # the step's error is the one to report, not a failed write's
+            outputs["writer"].wait(raise_error=False)
+        raise
     finally:
-        if "writer" in outputs:
-            outputs["writer"].close()
+        if "board" in outputs:
             outputs["board"].close()
+    if "writer" in outputs:
+        outputs["writer"].wait(raise_error=False)
+    steplog.check(root, outputs.get("writer"))  # the last write too: every rank stops if it failed
     result = summarise(trainer, step, first, syncs)
     if step >= cfg.steps and accelerator.is_main_process:
-        save_final_model(trainer, build, text_cfg, scale_factor, step, root)
+        save_final_model(trainer, build, job.text, job.latent_norm, step, root)
     return result
+
+
+def rank_outputs(job: TrainJob, accelerator, text: TrainText, build) -> dict[str, Any]:
+    """What the main process writes besides training: checkpoints (in the background), TensorBoard, previews."""
+    outputs: dict[str, Any] = {"root": job.checkpoints.root}
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg, root = job.train, job.checkpoints.root
+        outputs["writer"] = CheckpointWriter(root, cfg.keep_checkpoints)
+        outputs["board"] = SummaryWriter(str(root / "tensorboard"))
+        if job.vae_path and cfg.sample_prompts:
+            outputs["preview"] = SamplePreview(root, job.vae_path, text, cfg.sample_prompts, job.latent_norm, cfg,
+                                               build, accelerator.device)  # fmt: skip
+    return outputs
 
 
 def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | None) -> dict[str, Any]:
@@ -561,70 +624,3 @@ def save_final_model(
         "steps": step,
     }
     save_final(root, final_model, meta)
-
-
-@task(name="train-distributed")
-def launch_distributed(
-    cfg: TrainConfig,
-    text_cfg: TextConfig,
-    artifact: Artifact,
-    latents: Artifact,
-    captions: Artifact,
-    num_shards: int,
-    scale_factor: LatentNorm,
-    processes: int,
-    vae_path: str | None = None,
-    composites: tuple[Artifact, Artifact, int] | None = None,
-    text_embeddings: Sequence[Artifact] = (),
-) -> dict[str, Any]:
-    """Run the same training loop as `processes` DDP processes (torchrun, gloo on CPU / NCCL on GPU).
-
-    One Prefect task drives the whole job; a retry or rerun resumes from the newest checkpoint like the
-    in-process path, since the worker runs exactly `train_denoiser`.
-    """
-    import subprocess
-    import sys
-
-    log = run_logger()
-    train_tables(text_cfg, latents, captions, num_shards, composites, text_embeddings)  # once, not per rank
-    spec = {
-        "train": cfg.model_dump(mode="json"),
-        "text": text_cfg.model_dump(mode="json"),
-        "artifact": artifact.ref(),
-        "latents": latents.ref(),
-        "captions": captions.ref(),
-        "num_shards": num_shards,
-        "scale_factor": scale_factor,
-        "vae_path": vae_path,
-        "composites": [composites[0].ref(), composites[1].ref(), composites[2]] if composites else None,
-        "text_embeddings": [a.ref() for a in text_embeddings],
-    }
-    spec_path = artifact.write_json(f"launch-node{cfg.node_rank}.json", spec)
-    result_path = artifact.root / "result.json"
-    if cfg.node_rank == 0:
-        result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, processes)]
-    cmd += ["-m", "t2i.flows.train_worker", str(spec_path)]
-    log.info(f"[train] launching {processes} processes on node {cfg.node_rank}: {' '.join(cmd[2:])}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        log.info(line.rstrip())
-    if proc.wait() != 0:
-        raise RuntimeError(f"train: the distributed job exited with {proc.returncode} (see the log above)")
-    if cfg.node_rank != 0:  # global rank 0 (on node 0) writes the result and the checkpoints
-        return {"node_rank": cfg.node_rank, "processes": processes * cfg.nodes}
-    return json.loads(result_path.read_text())
-
-
-def torchrun_args(cfg: TrainConfig, processes: int) -> list[str]:
-    """One machine: a standalone rendezvous. Several: every node meets node 0 at master_addr:master_port
-    (static ranks, so a restarted job gets the same ranks and resumes from the same checkpoint)."""
-    if cfg.nodes == 1:
-        return ["--standalone", f"--nproc_per_node={processes}"]
-    return [
-        f"--nnodes={cfg.nodes}",
-        f"--node_rank={cfg.node_rank}",
-        f"--nproc_per_node={processes}",
-        f"--master_addr={cfg.master_addr}",
-        f"--master_port={cfg.master_port}",
-    ]

@@ -1,9 +1,10 @@
 """What each training step sees: micro-batches assembled from the memory-mapped train tables, in loader
 workers, off the training loop's critical path.
 
-Every random draw of micro-batch m of step s on rank r (its samples, t, CutMix swaps, noise, crops, CFG
-dropout) comes from generators seeded by (seed, s, r, m), so a batch is the same whichever worker builds it
-and a run resumed at step k replays exactly the batches an uninterrupted run would have seen.
+Every random draw of a sample (t, CutMix swap, noise, crop, CFG dropout) comes from a generator seeded by
+(seed, step, its position in the step's global batch), and the samples of a step are a seeded permutation's
+slice: a batch is the same whichever loader worker builds it, whatever the number of ranks and micro-batches,
+and a run resumed at step k (on as many GPUs or not) replays exactly what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -15,20 +16,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from t2i.data.store import die_with_parent
 from t2i.data.train_data import TrainTable, pad_rows
 from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
 
 if TYPE_CHECKING:
     from t2i.flows.config import TrainConfig
 
-# Every rank draws its own samples from its own stream; a few choices must agree across the ranks (whether
-# CAD-I takes its self-conditioning pass this step), and those come from one stream no rank number uses.
+# Each sample's draws come from the stream of its position in the global batch; a few choices must agree
+# across the ranks (whether CAD-I takes its self-conditioning pass this step), and those come from one stream
+# no sample position uses.
 SHARED_STREAM = 2**32 - 1
 
 
-def step_generator(seed: int, step: int, rank: int = 0, micro: int | None = None) -> torch.Generator:
-    entropy = [seed, step, rank] if micro is None else [seed, step, rank, micro]
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """The generator of one stream of a step: a sample position of the global batch, or SHARED_STREAM."""
+    entropy = [seed, step, stream]
     return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
+def per_sample(gens: list[torch.Generator], draw) -> torch.Tensor:
+    """`draw(g)` for each sample's generator, stacked along a new batch dimension."""
+    return torch.stack([draw(g) for g in gens])
 
 
 @functools.lru_cache(maxsize=2)
@@ -64,18 +73,20 @@ def scatter_kept(packed: torch.Tensor | None, packed_mask: torch.Tensor | None, 
 
 
 def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainTable | None,
-                   idx: np.ndarray, g: torch.Generator, shift: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:  # fmt: skip
-    """One micro-batch of the rows `idx`: model-space latents z (CutMix composites swapped in where
-    `cutmix_gate` says, latent and caption together), t, noise, the CFG dropout mask, and the kept rows'
-    captions — or, when text embeddings are stored, their padded embeddings (dropped rows zero)."""
+                   idx: np.ndarray, gens: list[torch.Generator], shift: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """One micro-batch of the rows `idx`, each sample drawing from its own generator in `gens`: model-space
+    latents z (CutMix composites swapped in where `cutmix_gate` says, latent and caption together), t,
+    noise, the CFG dropout mask, and the kept rows' captions — or, when text embeddings are stored, their
+    padded embeddings (dropped rows zero)."""
     mean, std = table.moments_of(idx)
     captions = table.column("caption", idx)
     text_rows = table.embeddings_of(idx) if table.words is not None else None
-    t = objective.sample_t(len(idx), generator=g)
+    t = per_sample(gens, lambda g: objective.sample_t(1, generator=g)[0])
     swapped = np.zeros(0, dtype=np.int64)
     if comps is not None:
-        gate = cutmix_gate(t, g, cfg.cutmix_threshold, cfg.cutmix_p)
-        pick = torch.randint(len(comps), (len(idx),), generator=g).numpy()
+        gate = torch.cat([cutmix_gate(t[j : j + 1], g, cfg.cutmix_threshold, cfg.cutmix_p)
+                          for j, g in enumerate(gens)])  # fmt: skip
+        pick = per_sample(gens, lambda g: torch.randint(len(comps), (), generator=g)).numpy()
         swapped = gate.nonzero().flatten().numpy()
         if len(swapped):
             mean[swapped], std[swapped] = comps.moments_of(pick[swapped])
@@ -84,12 +95,13 @@ def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainT
             if text_rows is not None:
                 for j, row in zip(swapped, comps.embeddings_of(pick[swapped]), strict=True):
                     text_rows[j] = row
-    z = (mean + std * torch.randn(mean.shape, generator=g) - shift) * scale
+    z = (mean + std * per_sample(gens, lambda g: torch.randn(mean.shape[1:], generator=g)) - shift) * scale
     if cfg.latent_crop:
-        z = random_latent_crop(z, cfg.latent_crop, g)
-    drop = cfg_dropout_mask(len(idx), cfg.cfg_dropout, g)
+        z = torch.cat([random_latent_crop(z[j : j + 1], cfg.latent_crop, g) for j, g in enumerate(gens)])
+    drop = per_sample(gens, lambda g: cfg_dropout_mask(1, cfg.cfg_dropout, g)[0])
     keep = (~drop).nonzero().flatten().tolist()
-    batch = {"z": z, "t": t, "eps": torch.randn(z.shape, generator=g), "drop": drop, "swapped": len(swapped),
+    eps = per_sample(gens, lambda g: torch.randn(z.shape[1:], generator=g))
+    batch = {"z": z, "t": t, "eps": eps, "drop": drop, "swapped": len(swapped),
              "captions": [captions[i] for i in keep], "keep": keep}  # fmt: skip
     if text_rows is not None:
         kept = pad_rows([text_rows[i] for i in keep]) if keep else (None, None)
@@ -118,16 +130,21 @@ class StepBatches(torch.utils.data.Dataset):
         size = per_rank // accum
         start = self.rank * per_rank + micro * size
         idx = batch_indices(len(self.table), cfg.batch_size, step, cfg.seed)[start : start + size].numpy()
-        g = step_generator(cfg.seed, step, self.rank, micro)
-        return assemble_batch(cfg, self.objective, self.table, self.comps, idx, g, self.shift, self.scale)
+        gens = [step_generator(cfg.seed, step, position) for position in range(start, start + size)]
+        return assemble_batch(cfg, self.objective, self.table, self.comps, idx, gens, self.shift, self.scale)
 
 
 def batch_loader(dataset: StepBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     """Workers start from a fork server, not by forking the training process: that process holds CUDA and
     the orchestrator's threads, which a forked child must not inherit (Prefect's handlers made forked
-    workers exit with an error)."""
+    workers exit with an error). They die with the fork server, so a killed rank leaves none behind."""
     workers = min(workers, len(os.sched_getaffinity(0)))
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None, multiprocessing_context="forkserver" if workers else None,
+        worker_init_fn=_loader_worker_init if workers else None,
     )  # fmt: skip
+
+
+def _loader_worker_init(_worker_id: int) -> None:
+    die_with_parent()  # with the fork server, which exits with the training process

@@ -76,6 +76,7 @@ def main() -> None:
     from t2i.tasks.model_cache import cached_model
     from t2i.tasks.text import null_embedding, text_shard
     from t2i.tasks.train import build_denoiser, make_optimizer, train_denoiser
+    from t2i.tasks.train_job import TrainJob
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)
@@ -85,7 +86,9 @@ def main() -> None:
                                    "text.mode=online"],
                           str(ws))  # fmt: skip
         artifact = Artifact(ws, "train", "bench")
-        full = train_denoiser.fn(cfg.train, cfg.text, artifact, latents, captions, shards, 1.0)
+        job = TrainJob(train=cfg.train, text=cfg.text, checkpoints=artifact, latents=latents, captions=captions,
+                       num_shards=shards, latent_norm=1.0)  # fmt: skip
+        full = train_denoiser.fn(job)
         sec = full["timing"]
         full_rate = args.steps * args.batch / sec["total"]
 
@@ -97,10 +100,9 @@ def main() -> None:
         text_art.write_manifest(
             config={}, inputs={}, started=time.time(), extra=null_embedding(stored_cfg, ws)
         )
-        stored = train_denoiser.fn(
-            cfg.train, stored_cfg, Artifact(ws, "train", "bench-stored"), latents, captions, shards, 1.0,
-            text_embeddings=[text_art],
-        )  # fmt: skip
+        stored = train_denoiser.fn(job.model_copy(update={
+            "text": stored_cfg, "checkpoints": Artifact(ws, "train", "bench-stored"), "text_embeddings": (text_art,),
+        }))  # fmt: skip
         stored_rate = args.steps * args.batch / stored["timing"]["total"]
 
         # bare: the same model and optimizer on tensors already in memory (text encoded once)

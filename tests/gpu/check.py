@@ -289,15 +289,17 @@ def run_training(ws: Path, name: str, train_cfg, text_cfg, data: Data, stop_afte
     """One call of the train stage's task body, as `t2i train` runs it in-process; (result, log, root)."""
     from t2i.data.store import Artifact
     from t2i.tasks.train import train_denoiser
+    from t2i.tasks.train_job import TrainJob
 
     logger, capture = logging.getLogger("t2i"), LogCapture()
     logger.setLevel(logging.INFO)
     logger.addHandler(capture)
     artifact = Artifact(ws, "train", name)
     try:
-        result = train_denoiser.fn(train_cfg, text_cfg, artifact, data.latents, data.captions, data.shards,
-                                   train_cfg.scale_factor, stop_after=stop_after, vae_path=vae_path,
-                                   text_embeddings=[data.text])  # fmt: skip
+        job = TrainJob(train=train_cfg, text=text_cfg, checkpoints=artifact, latents=data.latents,
+                       captions=data.captions, num_shards=data.shards, latent_norm=train_cfg.scale_factor,
+                       vae_path=vae_path, text_embeddings=(data.text,), stop_after=stop_after)  # fmt: skip
+        result = train_denoiser.fn(job)
     finally:
         logger.removeHandler(capture)
         free_memory()

@@ -1,5 +1,6 @@
 """Training on real latents and captions: resume is exact, checkpoints rotate, bad losses stop the run."""
 
+import os
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from t2i.flows.download import download_flow
 from t2i.flows.latents import latents_flow
 from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
-from t2i.flows.train import resolve_scale_factor, train_flow
+from t2i.flows.train import train_flow, train_job
 from t2i.tasks.checkpoints import load_final, load_state
 from t2i.tasks.train import (
     NonFiniteLoss,
@@ -23,7 +24,7 @@ from t2i.tasks.train import (
     open_train_table,
     train_denoiser,
 )
-from t2i.tasks.train_batches import assemble_batch, batch_indices
+from t2i.tasks.train_batches import assemble_batch, batch_indices, step_generator
 
 OVERRIDES = [
     "cutmix.enabled=false",
@@ -49,32 +50,31 @@ def data_workspace(prefect_harness, workspace):
 
 
 def _run(cfg, stop_after=None):
-    plan = Plan(cfg)
-    text = plan.text_of(plan.captions)
-    return train_denoiser.fn(
-        cfg.train,
-        cfg.text,
-        plan.checkpoints,
-        plan.latents,
-        plan.captions,
-        plan.num_shards,
-        resolve_scale_factor(cfg, plan),
-        stop_after=stop_after,
-        text_embeddings=[text] if text is not None else [],
-    )
+    """The train flow's own job, run in this process (the flow runs it to the end; tests stop it early)."""
+    return train_denoiser.fn(train_job(cfg, stop_after=stop_after))
 
 
-def test_resumed_run_equals_uninterrupted_run(data_workspace, tmp_path):
+def test_resumed_run_equals_uninterrupted_run_past_a_torn_checkpoint(data_workspace, tmp_path, caplog):
+    """The newest checkpoint cut to half its size (a crash before it reached the disk): the rerun says so,
+    resumes from the one before, and ends where the uninterrupted run ends."""
     other = tmp_path / "other"
     shutil.copytree(data_workspace, other)
     straight = load_config("tiny", OVERRIDES, str(data_workspace))
     _run(straight)
     interrupted = load_config("tiny", OVERRIDES, str(other))
-    assert _run(interrupted, stop_after=3)["step"] == 3
-    assert not (Plan(interrupted).checkpoints.root / "final").exists()
-    assert _run(interrupted)["step"] == 6
+    assert _run(interrupted, stop_after=4)["step"] == 4
+    b_dir = Plan(interrupted).checkpoints.root
+    assert not (b_dir / "final").exists()
+    newest = checkpoint_dirs(b_dir)[-1] / "state.pt"
+    newest_size = newest.stat().st_size
+    os.truncate(newest, newest_size // 2)
+    with caplog.at_level("INFO", logger="t2i"):
+        assert _run(interrupted)["step"] == 6
+    assert "step-00000004 cannot be loaded (RuntimeError: " in caplog.text
+    assert (b_dir / "checkpoints" / "torn-step-00000004" / "state.pt").stat().st_size < newest_size
+    assert "resuming from step-00000002 (step 2 of 6)" in caplog.text
 
-    a_dir, b_dir = Plan(straight).checkpoints.root, Plan(interrupted).checkpoints.root
+    a_dir = Plan(straight).checkpoints.root
     a = load_state(checkpoint_dirs(a_dir)[-1])
     b = load_state(checkpoint_dirs(b_dir)[-1])
     for key in a["model"]:
@@ -139,11 +139,8 @@ def test_cutmix_stream_replaces_about_thirty_percent(data_workspace, tmp_path):
         str(data_workspace),
     )
     plan = Plan(cfg)
-    composites = (plan.latents, plan.captions, plan.num_shards)
-    result = train_denoiser.fn(
-        cfg.train, cfg.text, plan.checkpoints, plan.latents, plan.captions, plan.num_shards,
-        resolve_scale_factor(cfg, plan), composites=composites,
-    )  # fmt: skip
+    job = train_job(cfg).model_copy(update={"composites": (plan.latents, plan.captions)})
+    result = train_denoiser.fn(job)
     assert 0.18 <= result["cutmix_share"] <= 0.42  # 192 draws of a 0.3 rate
     plain = load_config("tiny", ["cutmix.enabled=false", *OVERRIDES, "train.steps=12", "train.batch_size=16", "train.seed=1"],
                         str(data_workspace))  # fmt: skip
@@ -200,8 +197,9 @@ def test_precomputed_text_feeds_the_same_batches_as_the_online_encoder(data_work
         (online, open_train_table(plan.latents, plan.captions, plan.num_shards)),
         (stored, open_train_table(plan.latents, plan.captions, plan.num_shards, text)),
     ):
-        batch = assemble_batch(cfg, objective_for(cfg), table, None, rows, torch.Generator().manual_seed(1),
-                               torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1))  # fmt: skip
+        gens = [step_generator(1, 2, position) for position in range(len(rows))]  # a step that drops 3 of 6
+        batch = assemble_batch(cfg, objective_for(cfg), table, None, rows, gens, torch.zeros(1, 4, 1, 1),
+                               torch.ones(1, 4, 1, 1))  # fmt: skip
         texts.append((batch["drop"], *TrainText(mode.text, table, data_workspace, "cpu").of_batch(batch)))
     (drop_a, a, mask_a), (drop_b, b, mask_b) = texts
     assert torch.equal(drop_a, drop_b) and 0 < int(drop_a.sum()) < len(rows)  # some rows get the empty text
