@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
-from t2i.data.store import atomic_path
-from t2i.tasks.train_job import TrainJob, die_with_parent, record_stop, run_torchrun
+from t2i.data.store import atomic_path, die_with_parent
+from t2i.tasks.train_job import TrainJob, record_stop, run_torchrun
 
 
 def worker_logger(rank: int) -> logging.Logger:

@@ -88,8 +88,8 @@ def to_cpu(obj: Any) -> Any:
 class CheckpointWriter:
     """Writes checkpoints on a background thread from a CPU copy of the state: the process that saves goes
     back to training once the copy is made, and no other rank waits for the disk. `failure` tells the
-    training loop at its next health check that a write failed; a save, and `close`, first wait for the
-    previous write and re-raise its error."""
+    training loop at its next health check that a write failed; a save first waits for the previous write
+    and re-raises its error."""
 
     def __init__(self, root: Path, keep: int) -> None:
         self.root, self.keep = root, keep

@@ -65,10 +65,13 @@ def relay(proc: subprocess.Popen, log, publish) -> int:
     the job if this task is interrupted (a cancelled run, Ctrl-C)."""
     try:
         for line in proc.stdout:
-            if line.startswith(ARTIFACT_LINE):
-                publish(**json.loads(line[len(ARTIFACT_LINE) :]))
-            else:
+            if not line.startswith(ARTIFACT_LINE):
                 log.info(line.rstrip())
+                continue
+            try:
+                publish(**json.loads(line[len(ARTIFACT_LINE) :]))
+            except Exception as exc:  # a lost artifact must not stop a job of days
+                log.warning(f"[train] could not publish an artifact of rank 0: {type(exc).__name__}: {exc}")
         return proc.wait()
     finally:
         if proc.poll() is None:  # torchrun forwards SIGTERM to its workers and waits for them
@@ -156,8 +159,8 @@ STOPPED = "stopped.json"
 
 
 class JobStopped(RuntimeError):
-    """Every rank stopped at the same step for a reason a restart would meet again (non-finite loss, a failed
-    checkpoint write, an invalid batch layout): the job is not restarted."""
+    """Every rank stopped at the same step for a reason a restart would meet again (a non-finite loss, a failed
+    checkpoint write): the job is not restarted."""
 
 
 def record_stop(job: TrainJob, error: BaseException) -> None:
