@@ -16,10 +16,12 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -284,6 +286,23 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent or parent == 1:
         os._exit(1)
+
+
+def exit_with(pid: int) -> None:
+    """End this process as soon as process `pid` ends, for a helper that is not its child (a fork server's
+    child outlives the process that asked for it otherwise)."""
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd here, or `pid` already gone
+            while pid_alive(pid):
+                time.sleep(0.5)
+        else:
+            select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
 
 
 @functools.cache

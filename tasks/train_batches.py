@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from t2i.data.store import die_with_parent
+from t2i.data.store import exit_with
 from t2i.data.train_data import TrainTable, pad_rows
 from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
 
@@ -118,6 +118,7 @@ class StepBatches(torch.utils.data.Dataset):
         self.cfg, self.objective, self.table, self.comps = cfg, objective, table, comps
         self.first, self.last, self.rank, self.world = first, last, rank, world
         self.shift, self.scale = shift, scale
+        self.owner = os.getpid()  # the rank whose loader workers build these batches
 
     def __len__(self) -> int:
         return (self.last - self.first) * self.cfg.grad_accumulation
@@ -137,7 +138,7 @@ class StepBatches(torch.utils.data.Dataset):
 def batch_loader(dataset: StepBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     """Workers start from a fork server, not by forking the training process: that process holds CUDA and
     the orchestrator's threads, which a forked child must not inherit (Prefect's handlers made forked
-    workers exit with an error). They die with the fork server, so a killed rank leaves none behind."""
+    workers exit with an error). They end with their rank, so a killed rank leaves none behind."""
     workers = min(workers, len(os.sched_getaffinity(0)))
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
@@ -147,4 +148,6 @@ def batch_loader(dataset: StepBatches, workers: int, pin_memory: bool) -> torch.
 
 
 def _loader_worker_init(_worker_id: int) -> None:
-    die_with_parent()  # with the fork server, which exits with the training process
+    """A loader worker is the fork server's child, not the rank's: it ends when its rank ends (and the fork
+    server and resource tracker, which live as long as it, with it)."""
+    exit_with(torch.utils.data.get_worker_info().dataset.owner)

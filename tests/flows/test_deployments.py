@@ -37,11 +37,13 @@ def _api(url: str, path: str, body: dict | None = None):
 
 @pytest.fixture
 def served(prefect_server, cli_env, workspace):
-    proc = subprocess.Popen(
-        [T2I, "serve", "--preset", "tiny", "--workspace", str(workspace), "--name", "ci"],
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        cwd=workspace.parent,  # not the repository: the flows load from the installed package
-    )  # fmt: skip
+    log = workspace.parent / "serve.log"  # a file, not a pipe nobody reads: a full pipe blocks the server
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [T2I, "serve", "--preset", "tiny", "--workspace", str(workspace), "--name", "ci"],
+            env=cli_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=workspace.parent,  # not the repository: the flows load from the installed package
+        )  # fmt: skip
     url = prefect_server["url"]
     try:
         deadline = time.time() + 120
@@ -49,7 +51,7 @@ def served(prefect_server, cli_env, workspace):
             deployments = _api(url, "/deployments/filter", {})
             if {d["name"] for d in deployments} == {"ci"} and len(deployments) == len(FLOWS):
                 break
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, log.read_text()
             time.sleep(1)
         else:
             pytest.fail("t2i serve did not register its deployments in 120 s")

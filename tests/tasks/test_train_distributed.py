@@ -139,7 +139,8 @@ def test_a_killed_rank_is_restarted_from_the_checkpoint_and_ends_as_the_uninterr
 def test_killing_the_train_process_group_ends_every_rank(ws, cli_env, tmp_path):
     """What an OOM kill or a cancelled run does: no rank goes on training or writing checkpoints."""
     log = tmp_path / "train.log"
-    long_run = ["train.processes=2", "train.steps=5000", "train.checkpoint_every=5", "train.log_every=1"]
+    long_run = ["train.processes=2", "train.steps=5000", "train.checkpoint_every=5", "train.log_every=1",
+                "train.loader_workers=1"]  # fmt: skip
     proc = cli_train(ws, cli_env, *long_run, log=log)
     root = Plan(load_config("tiny", [*RUN, *long_run], str(ws))).checkpoints.root
     wait_until(lambda: "[rank 0] [train] step 6/5000" in log.read_text(), 300, "step 6 in the output")
