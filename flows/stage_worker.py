@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
-import time
 
 import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
 from t2i.data.claims import ShardClaims
+from t2i.data.store import exit_with
 from t2i.tasks.device_workers import READY, REPORT
 
 
@@ -34,18 +33,6 @@ def shard_runner(stage: str, cfg_json: dict):
     raise ValueError(f"no worker for stage {stage!r}")
 
 
-def exit_with_parent(interval: float = 1.0) -> None:
-    """A daemon thread that ends this process once its parent is gone (the parent's pid is then re-assigned)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> None:
     line = {"label": label, "index": index, "rows": rows, "rejects": rejects, "seconds": seconds}
     print(REPORT + json.dumps(line), flush=True)
@@ -54,7 +41,7 @@ def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> N
 def main() -> int:
     from t2i.flows.stage_runner import drain, set_from_ref
 
-    exit_with_parent()
+    exit_with(os.getppid())
     print(
         READY + json.dumps({"pid": os.getpid(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES")}),
         flush=True,
