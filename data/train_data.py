@@ -229,10 +229,10 @@ class TrainTable:
         return torch.tensor(self.manifest["null_embedding"], dtype=getattr(torch, self.manifest["dtype"]))
 
 
-def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, longest, dim) in the rows' dtype (bf16 text stays bf16 until the GPU) with zeros after each row's
-    tokens, and the boolean mask."""
-    longest = max(r.shape[0] for r in rows)
+def pad_rows(rows: Sequence[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, length or the longest, dim) in the rows' dtype (bf16 text stays bf16 until the GPU) with zeros after
+    each row's tokens, and the boolean mask."""
+    longest = max([r.shape[0] for r in rows] + [length or 0])
     out = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), longest, dtype=torch.bool)
     for i, r in enumerate(rows):

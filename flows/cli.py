@@ -249,13 +249,18 @@ def main(argv: list[str] | None = None) -> int:
 
             import yaml
 
+            from t2i.flows.status import text_disk_line
+
             data = cfg.model_dump(mode="json")
             print(json.dumps(data) if args.json else yaml.safe_dump(data, sort_keys=False), end="\n")
+            # the disk precomputed text takes, known before any work: a YAML comment, or beside the JSON
+            print(f"# {text_disk_line(cfg)}", file=sys.stderr if args.json else sys.stdout)
             return 0
         if args.command == "status":
-            from t2i.flows.status import format_statuses, stage_statuses
+            from t2i.flows.status import format_statuses, stage_statuses, text_disk_line
 
             print(format_statuses(stage_statuses(cfg)))
+            print(text_disk_line(cfg))
             return 0
         if args.command == "export-captions":
             return _export_captions(cfg, args.out, args.push_to_hub)

@@ -253,16 +253,20 @@ def self_conditioned_forward(
     mask: Tensor,
     rate: float,
     generator: torch.Generator | None = None,
+    take: bool | None = None,
 ) -> Tensor:
     """Training-time latent self-conditioning (RIN): with probability `rate` for the whole batch, first run
     without gradients to get latents, then run again feeding them back (detached); returns ε.
 
     Under DDP pass a generator seeded alike on every rank: the ranks then take the extra pass together
-    instead of all waiting for whichever rank drew it. At sampling time use `SelfConditionedSampling`.
+    instead of all waiting for whichever rank drew it. The training step passes `take`, the coin drawn with
+    its batch, so it reads no tensor on the host. At sampling time use `SelfConditionedSampling`.
     """
+    if take is None:
+        device = generator.device if generator is not None else None
+        take = rate > 0 and float(torch.rand((), generator=generator, device=device)) < rate
     latents_prev = None
-    device = generator.device if generator is not None else None
-    if rate > 0 and float(torch.rand((), generator=generator, device=device)) < rate:
+    if take:
         with torch.no_grad():
             _, latents_prev = model(x, t, text, mask, return_latents=True)
         latents_prev = latents_prev.detach()

@@ -3,6 +3,9 @@
 Pure torch, no I/O. Every random choice takes an explicit `torch.Generator`, so a training step is
 reproducible from its seed and each decision can be tested on its own. Text is always a pair
 (tokens (B, L, D), mask (B, L) bool, True = real token); padding positions are zero and masked.
+
+Text lengths come in a few fixed buckets (`text_buckets`), so a compiled denoiser sees a handful of shapes,
+not one per batch. What runs inside the training step reads shapes only, never values: no host sync.
 """
 
 from __future__ import annotations
@@ -25,14 +28,27 @@ def pad_text(text: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     return F.pad(text, (0, 0, 0, extra)), F.pad(mask.bool(), (0, extra), value=False)
 
 
-def _real_length(mask: Tensor) -> int:
-    """Length up to and including the last real token in any row (1 at least), so cutting loses no token."""
+def text_buckets(max_length: int, count: int) -> list[int]:
+    """The text lengths a batch is padded to: `count` even steps up to `max_length` (4 and 256: 64, 128, 192,
+    256), so a batch pads at most a quarter of `max_length` past its longest caption."""
+    step = -(-max_length // count)
+    return sorted({min(max_length, step * (i + 1)) for i in range(count)})
+
+
+def bucket_length(length: int, max_length: int, count: int) -> int:
+    """The smallest bucket that holds `length` tokens (the longest, `max_length`, when none does)."""
+    return next((b for b in text_buckets(max_length, count) if b >= length), max(length, max_length))
+
+
+def trim_padding(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Cut the trailing columns no row uses (1 column at least). Reads the mask's values: a host sync, for
+    set-up (the empty text's embedding), never inside a step."""
     columns = mask.bool().any(dim=0).nonzero()
-    return int(columns.max()) + 1 if len(columns) else 1
+    return pad_text(text, mask, int(columns.max()) + 1 if len(columns) else 1)
 
 
 def _per_sample(gate: Tensor, like: Tensor) -> Tensor:
-    return gate.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+    return gate.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def cfg_dropout_mask(batch: int, p: float, generator: torch.Generator) -> Tensor:
@@ -43,16 +59,15 @@ def cfg_dropout_mask(batch: int, p: float, generator: torch.Generator) -> Tensor
 def apply_text_dropout(
     text: Tensor, mask: Tensor, drop: Tensor, null_text: Tensor, null_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Replace the rows where `drop` is True by the empty-text embedding `null_text` (1, L0, D).
+    """Replace the rows where `drop` is True by the empty-text embedding `null_text` (1, L0, D), on the text's
+    device and cut to its real tokens (`trim_padding`).
 
-    The batch keeps its text length unless the null prompt's real tokens need more; the null embedding's
-    own trailing padding is cut, never its tokens. Dropped rows are zero and masked past the null length.
+    The batch keeps its text length unless the null prompt needs more. Dropped rows are zero and masked past
+    the null length.
     """
-    null_text, null_mask = pad_text(null_text, null_mask, _real_length(null_mask))
     length = max(text.shape[1], null_text.shape[1])
     text, mask = pad_text(text, mask, length)
-    null_text, null_mask = pad_text(null_text.to(device=text.device, dtype=text.dtype), null_mask, length)
-    null_mask = null_mask.to(mask.device)
+    null_text, null_mask = pad_text(null_text.to(text.dtype), null_mask, length)
     text = torch.where(_per_sample(drop, text), null_text.expand_as(text), text)
     mask = torch.where(_per_sample(drop, mask), null_mask.expand_as(mask), mask)
     return text, mask
@@ -64,7 +79,7 @@ def cutmix_gate(t: Tensor, generator: torch.Generator, threshold: float = 0.4, p
 
     The coin is drawn for every sample, so the generator advances the same way whatever t is.
     """
-    coin = _uniform(t.shape[0], generator).to(t.device) < p
+    coin = _uniform(t.shape[0], generator) < p
     return (t > threshold) & coin
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 TINY_PREFIX = "tiny:"
 TINY_VERSION = 3  # bump when a builder changes, so cached builds are not reused
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the committed trained models
+TINY_T5_D_MODEL = 64  # the tiny T5's width, known without building it (`t2i config` estimates disk with it)
 
 # Words the tiny tokenizers must know: the shapes world's captions and the prompts sent with images.
 _CORPUS = [
@@ -287,7 +288,7 @@ def build_tiny_t5(out: Path, seed: int = 0, context: float = 0.6) -> None:
     offsets = (-1, 1, -2, 2, -3, 3, -4, 4)  # one per head
     config = T5Config(
         vocab_size=(len(tokenizer) + 63) // 64 * 64,
-        d_model=64,
+        d_model=TINY_T5_D_MODEL,
         d_kv=16,
         d_ff=128,
         num_layers=2,

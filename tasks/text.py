@@ -12,7 +12,9 @@ embedding for classifier-free guidance dropout is stored in the artifact's manif
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -21,6 +23,8 @@ from prefect import task
 
 from t2i.data.schemas import TEXT_EMBEDDINGS
 from t2i.data.store import Artifact, ShardInfo
+from t2i.models.conditioning import bucket_length
+from t2i.models.text_encoder import tokenize
 from t2i.models.tiny import resolve_model
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import SHARD_TASK_OPTIONS
@@ -89,3 +93,33 @@ class OnlineText:
         """`None` is the dropped (empty) text."""
         hidden, mask = self.encoder.encode(["" if c is None else c for c in captions])
         return hidden.to(self.dtype).float(), mask
+
+    def embed(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+        """Captions tokenized elsewhere (`TextShapes.tokenize`), their ids on the encoder's device."""
+        hidden, mask = self.encoder.embed(ids, attention_mask)
+        return hidden.to(self.dtype).float(), mask
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, revision=revision)
+
+
+@dataclass(frozen=True)
+class TextShapes:
+    """The shape of a training batch's text, decided where the batch is assembled (a loader worker): padded to
+    one of `buckets` fixed lengths up to `max_length`; with online text (`tokenizer` set) the captions are
+    tokenized there too, so the step only moves ids to the GPU and runs the encoder."""
+
+    max_length: int
+    buckets: int
+    tokenizer: str | None = None  # path of the encoder's tokenizer (online text)
+    revision: str | None = None
+
+    def length(self, longest: int) -> int:
+        return bucket_length(max(longest, 1), self.max_length, self.buckets)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokenize(_tokenizer(self.tokenizer, self.revision), texts, self.max_length, self.buckets)

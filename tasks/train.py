@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,22 +26,17 @@ from prefect import task
 from t2i.data.store import CHECKPOINTS, Artifact, atomic_path, checkpoint_dirs
 from t2i.data.train_data import TrainTable, build_train_table, pad_rows, train_table_for
 from t2i.models.cad import self_conditioned_forward
-from t2i.models.conditioning import apply_text_dropout
+from t2i.models.conditioning import apply_text_dropout, pad_text, trim_padding
 from t2i.models.diffusion import EpsilonObjective
 from t2i.models.dit import count_parameters
 from t2i.models.ema import EMA
 from t2i.models.flow_matching import RectifiedFlowObjective
+from t2i.models.tiny import resolve_model
 from t2i.tasks.checkpoints import CheckpointWriter, build_denoiser, load_state, save_final
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import publish_markdown, run_logger
-from t2i.tasks.text import OnlineText, load_encoder
-from t2i.tasks.train_batches import (
-    SHARED_STREAM,
-    StepBatches,
-    batch_loader,
-    scatter_kept,
-    step_generator,
-)
+from t2i.tasks.text import OnlineText, TextShapes, load_encoder
+from t2i.tasks.train_batches import StepBatches, batch_loader
 from t2i.tasks.train_job import TrainJob
 
 if TYPE_CHECKING:
@@ -136,7 +132,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         from t2i.models.lamb import Lamb
 
         return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    # fused: one kernel for all tensors, and the step count stays on the device (no host read per step)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
 
 
 class SamplePreview:
@@ -187,20 +184,28 @@ class SamplePreview:
 # --- one step ---------------------------------------------------------------------------------------------
 
 
+# Set (to anything) in a job's environment to count the backward passes that all-reduce gradients; the count
+# is a Python hook around the all-reduce, so only a test asks for it.
+COUNT_SYNCS_ENV = "T2I_COUNT_GRADIENT_SYNCS"
+
+
 @dataclass
 class GradientSyncs:
     """Backward passes that all-reduced gradients; under gradient accumulation, one per optimizer step."""
 
+    compress: bool
     passes: int = 0
 
 
 def _count_and_allreduce(syncs: GradientSyncs, bucket):
-    """DDP communication hook: the standard all-reduce; bucket 0 is reduced once per synchronising pass."""
+    """DDP communication hook: the run's all-reduce (bf16-compressed or not); bucket 0 is reduced once per
+    synchronising pass."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     if bucket.index() == 0:
         syncs.passes += 1
-    return default_hooks.allreduce_hook(None, bucket)
+    hook = default_hooks.bf16_compress_hook if syncs.compress else default_hooks.allreduce_hook
+    return hook(None, bucket)
 
 
 @dataclass
@@ -227,13 +232,6 @@ class Trainer:
         (no host sync). Gradients are all-reduced once, on the last micro-batch: the others run forward and
         backward inside `no_sync`."""
         cfg, accelerator, model, dev = self.cfg, self.accelerator, self.model, self.accelerator.device
-        denoise = model
-        if cfg.model == "cad" and cfg.self_condition > 0:  # RIN self-conditioning, the coin shared by ranks
-            shared = step_generator(cfg.seed, step, SHARED_STREAM)
-
-            def denoise(x, t, text, mask):
-                return self_conditioned_forward(model, x, t, text, mask, cfg.self_condition, generator=shared)
-
         accum = cfg.grad_accumulation
         loss_sum = torch.zeros((), device=dev)
         for m in range(accum):
@@ -245,6 +243,12 @@ class Trainer:
             self.timing["text"] += time.perf_counter() - t_text
             self.swapped, self.drawn = self.swapped + b["swapped"], self.drawn + len(b["drop"])
             z, t, eps = (b[k].to(dev, non_blocking=True) for k in ("z", "t", "eps"))
+            denoise = model
+            if "self_condition" in b:  # CAD-I: RIN self-conditioning, the coin drawn with the batch
+
+                def denoise(x, t, text, mask, take=b["self_condition"]):
+                    return self_conditioned_forward(model, x, t, text, mask, cfg.self_condition, take=take)
+
             with contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss, _ = self.objective.loss(denoise, z, text, mask, t=t, eps=eps)
@@ -263,30 +267,37 @@ def objective_for(cfg: TrainConfig):
 
 
 class TrainText:
-    """The denoiser's text: the kept captions encoded online, or their stored embeddings (padded by the
-    loader); then `apply_text_dropout` puts the empty text's embedding in the dropped rows. Both modes give
-    the same tensors, and the CFG dropout is the unit its tests test."""
+    """The denoiser's text: the captions' token ids encoded by the frozen encoder in the step (online), or their
+    stored embeddings; both arrive padded to a length bucket by the loader (`TextShapes`), and then
+    `apply_text_dropout` puts the empty text's embedding in the dropped rows. Both modes give the same tensors,
+    and the CFG dropout is the unit its tests test. Nothing here reads a tensor's values on the host."""
 
-    def __init__(self, text_cfg: TextConfig, table: TrainTable, workspace, device) -> None:
+    def __init__(self, text_cfg: TextConfig, table: TrainTable, workspace, device, buckets: int) -> None:
         self.table, self.device, self.encoder = table, torch.device(device), None
+        self.shapes = TextShapes(text_cfg.max_length, buckets)
         if table.words is not None:  # text.mode precomputed
             self.dim = table.words.shape[1]
             null = table.null_embedding().float()[None]
-            self.null_text, self.null_mask = null, torch.ones(null.shape[:2], dtype=torch.bool)
+            null_text, null_mask = null, torch.ones(null.shape[:2], dtype=torch.bool)
         else:
+            path = resolve_model(text_cfg.encoder, workspace)
+            self.shapes = TextShapes(text_cfg.max_length, buckets, path, text_cfg.revision)
             self.encoder = OnlineText(load_encoder(text_cfg, workspace, str(device)), text_cfg.dtype)
             self.dim = self.encoder.dim
-            self.null_text, self.null_mask = self.encoder.encode([None])
-        self.null_text, self.null_mask = self.null_text.to(self.device), self.null_mask.to(self.device)
+            null_text, null_mask = self.encoder.encode([None])
+        null_text, null_mask = trim_padding(null_text, null_mask)  # once, here: it reads the mask
+        self.null_text, self.null_mask = null_text.to(self.device), null_mask.to(self.device)
 
     def of_batch(self, b: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
         if "text" in b:
-            text, mask = b["text"], b["mask"]
+            text, mask = b["text"].to(dev, non_blocking=True).float(), b["mask"].to(dev, non_blocking=True)
         else:
-            packed = self.encoder.encode(b["captions"]) if b["keep"] else (None, None)
-            text, mask = scatter_kept(*packed, b["keep"], len(b["drop"]), self.dim)
-        text, mask = text.to(self.device, non_blocking=True).float(), mask.to(self.device, non_blocking=True)
-        return apply_text_dropout(text, mask, b["drop"].to(self.device), self.null_text, self.null_mask)
+            ids, attention = (b[k].to(dev, non_blocking=True) for k in ("input_ids", "attention_mask"))
+            text, mask = self.encoder.embed(ids, attention)
+        drop = b["drop"].to(dev, non_blocking=True)
+        text, mask = apply_text_dropout(text, mask, drop, self.null_text, self.null_mask)
+        return pad_text(text, mask, self.shapes.length(text.shape[1]))
 
     def of_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The text of table rows as the denoiser sees it (for previews)."""
@@ -359,9 +370,24 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
 # --- the run ----------------------------------------------------------------------------------------------
 
 
+def compresses_gradients(cfg: TrainConfig, device: str) -> bool:
+    """bf16 all-reduce: asked for (or auto with bf16 training), on GPUs (torch offers the hook on NCCL only)."""
+    asked = cfg.gradient_compression == "bf16" or (
+        cfg.gradient_compression == "auto" and cfg.mixed_precision == "bf16"
+    )
+    return asked and device.startswith("cuda")
+
+
 def make_accelerator(cfg: TrainConfig):
+    """accelerate, told how this run trains: DDP with gradients all-reduced in bf16 (half the bytes of fp32)
+    straight from their buckets (no copy), no per-step buffer broadcast (the denoisers' buffers are constant
+    tables)."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import (
+        DDPCommunicationHookType,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+    )
 
     device = pick_device(cfg.device)
     if device.startswith("cuda"):  # TF32 for the float32 matmuls outside autocast (text encoder, EMA)
@@ -369,7 +395,15 @@ def make_accelerator(cfg: TrainConfig):
         torch.backends.cudnn.allow_tf32 = True
     # a collective that waits longer than this for a lost rank fails, so torchrun can restart the group
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.collective_timeout))
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
+    bf16 = compresses_gradients(cfg, device) and not os.environ.get(COUNT_SYNCS_ENV)  # else the counting hook
+    ddp = DistributedDataParallelKwargs(
+        broadcast_buffers=False,
+        gradient_as_bucket_view=True,
+        comm_hook=DDPCommunicationHookType.BF16 if bf16 else DDPCommunicationHookType.NO,
+    )
+    return Accelerator(
+        cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout, ddp]
+    )
 
 
 def rank_batch(cfg: TrainConfig, world: int) -> int:
@@ -470,15 +504,25 @@ def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: P
             f"latents {shape}, normalised by {describe_norm(latent_norm)}"
         )
     trainer.model, trainer.optimizer = accelerator.prepare(model, optimizer)
+    if (
+        cfg.compile
+    ):  # after DDP, as torch wants (here, not accelerate's dynamo plugin: its state is per process)
+        trainer.model = torch.compile(trainer.model, backend="inductor", dynamic=False)
     return trainer, step
 
 
-def watch_gradient_syncs(model: torch.nn.Module) -> GradientSyncs | None:
-    if not hasattr(model, "register_comm_hook"):  # a single process: nothing is all-reduced
+def watch_gradient_syncs(model: torch.nn.Module, cfg: TrainConfig) -> GradientSyncs | None:
+    """The counting hook, when the job's environment asks for it and gradients are all-reduced at all."""
+    ddp = unwrap_compiled(model)
+    if not os.environ.get(COUNT_SYNCS_ENV) or not hasattr(ddp, "register_comm_hook"):
         return None
-    syncs = GradientSyncs()
-    model.register_comm_hook(syncs, _count_and_allreduce)
+    syncs = GradientSyncs(compress=compresses_gradients(cfg, str(next(ddp.parameters()).device)))
+    ddp.register_comm_hook(syncs, _count_and_allreduce)
     return syncs
+
+
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
 
 
 def after_step(trainer: Trainer, step: int, last_stop: int, steplog: StepLog, outputs: dict, log) -> None:
@@ -516,6 +560,42 @@ def after_step(trainer: Trainer, step: int, last_stop: int, steplog: StepLog, ou
             writer.save(step, training_state(trainer, step))
 
 
+@dataclass
+class Run:
+    """A training process ready to step: the trainer (resumed), the step it continues from and the one it stops
+    after, its batches, and how to build a fresh denoiser of its shape."""
+
+    trainer: Trainer
+    step: int
+    last_stop: int
+    batches: Iterator[dict[str, Any]]
+    build: Any
+
+
+def open_run(job: TrainJob, log) -> Run:
+    """Accelerator, train tables, text, the model resumed from the newest good checkpoint, and the loader."""
+    cfg, root = job.train, job.checkpoints.root
+    accelerator = make_accelerator(cfg)
+    rank_batch(cfg, accelerator.num_processes)
+    table, comps = train_tables(job)
+    text = TrainText(job.text, table, job.checkpoints.workspace, accelerator.device, cfg.text_buckets)
+    c, h, _ = table.latent_shape
+
+    def build() -> torch.nn.Module:
+        return build_denoiser(cfg.model, cfg.size, latent_channels=c, latent_size=h, text_dim=text.dim,
+                              patch_size=cfg.patch_size)  # fmt: skip
+
+    trainer, step = build_trainer(cfg, accelerator, build, text, job.latent_norm, root, log)
+    last_stop = cfg.steps if job.stop_after is None else min(cfg.steps, job.stop_after)
+    shift, scale = latent_norm_tensors(job.latent_norm, c)
+    batches = iter(batch_loader(
+        StepBatches(cfg, trainer.objective, table, comps, step, last_stop, accelerator.process_index,
+                    accelerator.num_processes, shift, scale, text.shapes),
+        cfg.loader_workers, pin_memory=accelerator.device.type == "cuda",
+    ))  # fmt: skip
+    return Run(trainer, step, last_stop, batches, build)
+
+
 @task(name="train", retries=0)
 def train_denoiser(job: TrainJob) -> dict[str, Any]:
     """Train to `train.steps` (or stop after step `job.stop_after`), resuming from the newest good checkpoint.
@@ -524,34 +604,18 @@ def train_denoiser(job: TrainJob) -> dict[str, Any]:
     probability cutmix_p says so.
     """
     cfg, log, root = job.train, run_logger(), job.checkpoints.root
-    accelerator = make_accelerator(cfg)
-    rank_batch(cfg, accelerator.num_processes)
-    table, comps = train_tables(job)
-    text = TrainText(job.text, table, job.checkpoints.workspace, accelerator.device)
-    c, h, _ = table.latent_shape
-
-    def build() -> torch.nn.Module:
-        return build_denoiser(cfg.model, cfg.size, latent_channels=c, latent_size=h, text_dim=text.dim,
-                              patch_size=cfg.patch_size)  # fmt: skip
-
-    trainer, step = build_trainer(cfg, accelerator, build, text, job.latent_norm, root, log)
-    syncs, first, steplog = watch_gradient_syncs(trainer.model), step, StepLog(accelerator)
-    last_stop = cfg.steps if job.stop_after is None else min(cfg.steps, job.stop_after)
-    shift, scale = latent_norm_tensors(job.latent_norm, c)
-    batches = iter(batch_loader(
-        StepBatches(cfg, trainer.objective, table, comps, step, last_stop, accelerator.process_index,
-                    accelerator.num_processes, shift, scale),
-        cfg.loader_workers, pin_memory=accelerator.device.type == "cuda",
-    ))  # fmt: skip
-    outputs = rank_outputs(job, accelerator, text, build)
+    run = open_run(job, log)
+    trainer, step, batches = run.trainer, run.step, run.batches
+    syncs, first, steplog = watch_gradient_syncs(trainer.model, cfg), step, StepLog(trainer.accelerator)
+    outputs = rank_outputs(job, trainer.accelerator, trainer.text, run.build)
     try:
-        while step < last_stop:
+        while step < run.last_stop:
             t_step = time.perf_counter()
             loss, grad_norm = trainer.step(step, batches)
             step += 1
             trainer.timing["total"] += time.perf_counter() - t_step
             steplog.add(step, loss, grad_norm, cfg.batch_size)
-            after_step(trainer, step, last_stop, steplog, outputs, log)
+            after_step(trainer, step, run.last_stop, steplog, outputs, log)
         next(batches, None)  # the loader is exhausted: its workers exit now, not at garbage collection
     except BaseException:
         if "writer" in outputs:  # the step's error is the one to report, not a failed write's
@@ -564,8 +628,8 @@ def train_denoiser(job: TrainJob) -> dict[str, Any]:
         outputs["writer"].wait(raise_error=False)
     steplog.check(root, outputs.get("writer"))  # the last write too: every rank stops if it failed
     result = summarise(trainer, step, first, syncs)
-    if step >= cfg.steps and accelerator.is_main_process:
-        save_final_model(trainer, build, job.text, job.latent_norm, step, root)
+    if step >= cfg.steps and trainer.accelerator.is_main_process:
+        save_final_model(trainer, run.build, job.text, job.latent_norm, step, root)
     return result
 
 
@@ -587,6 +651,7 @@ def rank_outputs(job: TrainJob, accelerator, text: TrainText, build) -> dict[str
 def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | None) -> dict[str, Any]:
     """The run's record; also checks that every rank ended with the same weights."""
     acc, cfg = trainer.accelerator, trainer.cfg
+    allreduce = "bf16" if compresses_gradients(cfg, str(acc.device)) else "float32"
     unwrapped = acc.unwrap_model(trainer.model)
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
     checksums = acc.gather(checksum.to(acc.device)).tolist()
@@ -600,6 +665,7 @@ def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | No
         "parameters": count_parameters(unwrapped),
         "processes": acc.num_processes,
         "global_batch": cfg.batch_size,
+        "gradient_allreduce": allreduce if acc.num_processes > 1 else None,
         "rank_checksums": checksums,
         "cutmix_share": trainer.swapped / max(trainer.drawn, 1),  # of this run's samples (this process)
         # backward passes that all-reduced gradients, per optimizer step (1 whatever the accumulation)

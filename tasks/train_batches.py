@@ -19,6 +19,7 @@ import torch
 from t2i.data.store import exit_with
 from t2i.data.train_data import TrainTable, pad_rows
 from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
+from t2i.tasks.text import TextShapes
 
 if TYPE_CHECKING:
     from t2i.flows.config import TrainConfig
@@ -60,24 +61,13 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def scatter_kept(packed: torch.Tensor | None, packed_mask: torch.Tensor | None, keep: list[int], batch: int,
-                 dim: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(B, L, D) text and mask holding the kept rows' padded text at `keep`, zeros and False elsewhere (the
-    dropped rows, which `apply_text_dropout` then fills with the empty text)."""
-    if packed is None:  # every row dropped
-        return torch.zeros(batch, 1, dim), torch.zeros(batch, 1, dtype=torch.bool)
-    text = packed.new_zeros(batch, *packed.shape[1:])
-    mask = packed_mask.new_zeros(batch, packed_mask.shape[1])
-    text[keep], mask[keep] = packed, packed_mask
-    return text, mask
-
-
 def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainTable | None,
-                   idx: np.ndarray, gens: list[torch.Generator], shift: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+                   idx: np.ndarray, gens: list[torch.Generator], shift: torch.Tensor, scale: torch.Tensor,
+                   shapes: TextShapes) -> dict[str, Any]:  # fmt: skip
     """One micro-batch of the rows `idx`, each sample drawing from its own generator in `gens`: model-space
     latents z (CutMix composites swapped in where `cutmix_gate` says, latent and caption together), t,
-    noise, the CFG dropout mask, and the kept rows' captions — or, when text embeddings are stored, their
-    padded embeddings (dropped rows zero)."""
+    noise, the CFG dropout mask, and the text padded to its length bucket: the stored embeddings when there
+    are (`text`, `mask`), else the captions' token ids (`input_ids`, `attention_mask`); dropped rows empty."""
     mean, std = table.moments_of(idx)
     captions = table.column("caption", idx)
     text_rows = table.embeddings_of(idx) if table.words is not None else None
@@ -99,13 +89,14 @@ def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainT
     if cfg.latent_crop:
         z = torch.cat([random_latent_crop(z[j : j + 1], cfg.latent_crop, g) for j, g in enumerate(gens)])
     drop = per_sample(gens, lambda g: cfg_dropout_mask(1, cfg.cfg_dropout, g)[0])
-    keep = (~drop).nonzero().flatten().tolist()
     eps = per_sample(gens, lambda g: torch.randn(z.shape[1:], generator=g))
-    batch = {"z": z, "t": t, "eps": eps, "drop": drop, "swapped": len(swapped),
-             "captions": [captions[i] for i in keep], "keep": keep}  # fmt: skip
+    batch = {"z": z, "t": t, "eps": eps, "drop": drop, "swapped": len(swapped)}
     if text_rows is not None:
-        kept = pad_rows([text_rows[i] for i in keep]) if keep else (None, None)
-        batch["text"], batch["mask"] = scatter_kept(*kept, keep, len(idx), table.words.shape[1])
+        rows = [row[:0] if dropped else row for row, dropped in zip(text_rows, drop.tolist(), strict=True)]
+        batch["text"], batch["mask"] = pad_rows(rows, shapes.length(max(len(r) for r in rows)))
+    else:
+        texts = ["" if dropped else c for c, dropped in zip(captions, drop.tolist(), strict=True)]
+        batch["input_ids"], batch["attention_mask"] = shapes.tokenize(texts)
     return batch
 
 
@@ -114,10 +105,11 @@ class StepBatches(torch.utils.data.Dataset):
     DataLoader walks it in order with workers and pinned memory, so batches wait ready for the GPU."""
 
     def __init__(self, cfg: TrainConfig, objective, table: TrainTable, comps: TrainTable | None,
-                 first: int, last: int, rank: int, world: int, shift: torch.Tensor, scale: torch.Tensor):  # fmt: skip
+                 first: int, last: int, rank: int, world: int, shift: torch.Tensor, scale: torch.Tensor,
+                 shapes: TextShapes):  # fmt: skip
         self.cfg, self.objective, self.table, self.comps = cfg, objective, table, comps
         self.first, self.last, self.rank, self.world = first, last, rank, world
-        self.shift, self.scale = shift, scale
+        self.shift, self.scale, self.shapes = shift, scale, shapes
         self.owner = os.getpid()  # the rank whose loader workers build these batches
 
     def __len__(self) -> int:
@@ -132,7 +124,20 @@ class StepBatches(torch.utils.data.Dataset):
         start = self.rank * per_rank + micro * size
         idx = batch_indices(len(self.table), cfg.batch_size, step, cfg.seed)[start : start + size].numpy()
         gens = [step_generator(cfg.seed, step, position) for position in range(start, start + size)]
-        return assemble_batch(cfg, self.objective, self.table, self.comps, idx, gens, self.shift, self.scale)
+        batch = assemble_batch(cfg, self.objective, self.table, self.comps, idx, gens, self.shift, self.scale,
+                               self.shapes)  # fmt: skip
+        if cfg.model == "cad":
+            batch["self_condition"] = self_condition_coin(cfg, step, micro)
+        return batch
+
+
+def self_condition_coin(cfg: TrainConfig, step: int, micro: int) -> bool:
+    """Whether CAD-I takes its self-conditioning pass on micro-batch `micro` of `step`: the shared stream's
+    draw, the same on every rank (so no rank waits at the all-reduce for another's extra pass), decided here
+    so the step reads no value from a tensor."""
+    shared = step_generator(cfg.seed, step, SHARED_STREAM)
+    draws = torch.rand(micro + 1, generator=shared)
+    return cfg.self_condition > 0 and bool(draws[micro] < cfg.self_condition)
 
 
 def batch_loader(dataset: StepBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:

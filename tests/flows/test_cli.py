@@ -14,6 +14,7 @@ import pytest
 from t2i.data.claims import ShardClaims, shard_claim
 from t2i.flows.config import load_config
 from t2i.flows.plan import Plan
+from t2i.flows.status import text_disk_bytes
 from tests.conftest import SMALL_PIPELINE, T2I, run_cli
 
 SMALL = [a for o in SMALL_PIPELINE for a in ("--set", o)]
@@ -71,7 +72,8 @@ def test_second_run_skips_every_stage_and_rewrites_nothing(pipeline_ws, cli_env)
 def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
     ws, _ = pipeline_ws
     proc = run_cli(["status", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
-    lines = proc.stdout.strip().splitlines()
+    *lines, text_disk = proc.stdout.strip().splitlines()
+    assert text_disk.startswith("precomputed text: ")  # after the stages (test below)
     assert [ln.split()[0] for ln in lines] == [
         "download", "cutmix", "recaption", "recaption", "latents", "text", "latents", "text", "train", "evaluate",
     ]  # fmt: skip
@@ -86,6 +88,65 @@ def test_status_reports_each_stage(pipeline_ws, cli_env, tmp_path):
         f"{'recaption':<28}  {busy:<32}  {empty.captions.root}"
     ]
     claims.release_all()
+
+
+def test_status_prints_the_disk_the_stored_text_takes_measured(pipeline_ws, cli_env):
+    """The tiny preset stores its text: the figure comes from the embeddings' token counts."""
+    ws, _ = pipeline_ws
+    proc = run_cli(["status", "--preset", "tiny", "--workspace", str(ws), *SMALL], cli_env)
+    line = proc.stdout.strip().splitlines()[-1]
+    plan = Plan(load_config("tiny", overrides(SMALL), str(ws)))
+    texts = [plan.text_of(plan.captions_of(images)) for _, images in plan.image_sets()]
+    tokens = [t for art in texts for i in range(4) for t in art.read_shard(i)["tokens"].to_pylist()]
+    assert len(tokens) == 384
+    mean, dim = sum(tokens) / len(tokens), texts[0].read_manifest()["dim"]
+    size = text_disk_bytes(384, mean, dim, "float32")
+    count = "384 captions (192 images from the download output + 192 composites)"
+    assert line.startswith(f"precomputed text: ~{size / 1e6:.2g} MB for {count}: ")
+    assert f"mean {mean:.1f} tokens × {dim} (d_model stored with the text) × 4 bytes (fp32)" in line
+    assert "tokens measured over 384 stored embeddings" in line
+    assert line.endswith("text.mode=online needs none")
+    stored = sum(p.stat().st_size for art in texts for p in art.root.glob("part-*.parquet"))
+    assert f"the text artifacts take {stored / 1e6:.2g} MB now" in line
+
+
+def test_config_prints_the_disk_precomputed_text_will_take(tmp_path):
+    """Before any work: per million captions until the source is listed, then for its count; YAML stays YAML
+    (the line is a comment) and --json stays JSON (the line goes to stderr)."""
+    import json
+    from dataclasses import asdict
+
+    import yaml
+
+    from t2i.data.listing import SUMMARY, SourceSummary, spec_dir
+
+    env = {k: v for k, v in os.environ.items() if k != "T2I_WORKSPACE"}
+    ws = tmp_path / "ws"
+    args = ["config", "--preset", "imagenet256", "--workspace", str(ws)]
+    before = run_cli(args, env).stdout.strip().splitlines()[-1]
+    assert before.startswith("# precomputed text: ~823 GB per million captions (images unknown until")
+    assert "× 2048 (d_model of google/flan-t5-xl) × 2 bytes (bf16)" in before
+    assert "estimated from recaption.max_new_tokens=200" in before
+    assert not ws.exists()
+
+    source = "folder:/data/imagenet/train"  # ImageNet-1k train as `t2i download` would have listed it
+    summary = SourceSummary("folder", source, digest="0" * 64, count=1_281_167, classes=["c"] * 1000)
+    path = spec_dir(ws, source, "train", None) / SUMMARY
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(asdict(summary)))
+    proc = run_cli(args, env)
+    size = text_disk_bytes(2 * 1_281_167, 201, 2048, "bfloat16")
+    assert round(size / 1e12, 1) == 2.1
+    after = proc.stdout.strip().splitlines()[-1]
+    assert after.startswith(
+        "# precomputed text: ~2.1 TB for 2.56M captions (1.28M images from the download listing + 1.28M "
+        "composites): mean 201 tokens × 2048 (d_model of google/flan-t5-xl) × 2 bytes (bf16)"
+    )
+    assert yaml.safe_load(proc.stdout) == load_config("imagenet256", [], str(ws)).model_dump(mode="json")
+    as_json = run_cli([*args, "--json"], env)
+    assert json.loads(as_json.stdout)["text"]["mode"] == "precomputed"
+    last = as_json.stderr.strip().splitlines()[-1]
+    assert last.startswith("# precomputed text: ~2.1 TB for 2.56M captions")
 
 
 def test_status_imports_neither_torch_nor_prefect(pipeline_ws, cli_env):

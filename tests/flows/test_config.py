@@ -28,6 +28,13 @@ def test_presets_validate_and_keep_the_papers_numbers():
     )
 
 
+def test_imagenet256_precomputes_text_in_bfloat16_and_online_stays_an_option():
+    """The paper stores the captions' embeddings: the frozen encoder runs once per caption, not ~200 times."""
+    text = load_config("imagenet256").text
+    assert (text.mode, text.dtype) == ("precomputed", "bfloat16")
+    assert load_config("imagenet256", ["text.mode=online"]).text.mode == "online"
+
+
 def test_overrides_are_typed(tmp_path):
     cfg = load_config("tiny", ["latents.resolution=128", "download.max_side=null", "train.betas=[0.9, 0.99]"])
     assert cfg.latents.resolution == 128 and cfg.download.max_side is None and cfg.train.betas == (0.9, 0.99)

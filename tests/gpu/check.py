@@ -6,25 +6,60 @@
 Why one script: a GPU is lent rarely and briefly, so everything that can only be seen on one is measured in one
 short run, and the identical code runs on CPU at tiny sizes in `make test` (tests/gpu/test_check_smoke.py), so
 the GPU run does not die of a typo. The two runs differ only in `Sizes` (sizes, device, precision, loader
-workers). Every model is built from a config with random weights and the data set is made here: nothing is
-downloaded (HF_HUB_OFFLINE=1).
+workers, CPU threads). Every model is built from a config with random weights and the data set is made here:
+nothing is downloaded (HF_HUB_OFFLINE=1). The legs, in the order they run:
 
-(a) `t2i.tasks.train.train_denoiser` (LAMB, EMA, accelerate, bf16, checkpoints) on DiT-I L and CAD-I L at 256 px
-    shapes (latents 4×32×32, stored flan-t5-xl-width text: 2048 × 128 tokens): 10 steps, stop, resume to 20, and
-    the raw and EMA weights compared with an uninterrupted 20-step run (deterministic kernels for these legs).
-(b) samples/s of the full loop (a separate run with the usual kernels, steady-state log intervals) and of the
-    bare forward/backward/LAMB/EMA step on tensors already on the GPU; MFU from FlopCounterMode's count of one
-    forward+backward against the GPU's bf16 dense peak.
-(c) SD-VAE-config AutoencoderKL encode images/s (256 px, bf16, through `t2i.models.vae`) and flan-t5-xl-config
-    T5 encoder tokens/s (128 tokens, bf16, `wo` kept in float32 as from_pretrained does).
-(d) sampling with `t2i.models.sampling.sample_latents` from the final EMA weights, as `t2i evaluate` calls it,
-    decoded with the VAE: the images must be finite.
+(0) imports, before anything is timed: the packages below, everything this script and the `t2i` modules the
+    legs use (`t2i.tasks.train`, `t2i.tasks.text`, `t2i.models.vae`, `t2i.models.sampling`, `t2i.flows.config`,
+    …) import, and what those import inside functions (read from their source: accelerate, SummaryWriter, PIL,
+    diffusers, transformers, …) are imported and the names looked up, versions printed. A missing module stops
+    the run within seconds, naming it and who imports it (exit 2).
+(1) the data set as the stages write it: latents, captions of 120–200 T5 tokens, and their stored
+    flan-t5-xl-width embeddings (2048 × the caption's tokens, bfloat16); an SD-VAE-config AutoencoderKL and a
+    flan-t5-xl-config T5 encoder (random weights) saved with `save_pretrained`, T5 in float32 as on the Hub,
+    with a word-level stand-in tokenizer (T5's sentencepiece model cannot be made offline; one token a word,
+    `</s>` appended, `<pad>` = 0, as T5's).
+(2) T5 loaded the way training loads it (`t2i.tasks.text.load_encoder` → `TextEncoder` →
+    `T5EncoderModel.from_pretrained(path, dtype=bfloat16)`): the load time, the dtype its feed-forward output
+    projections `wo` end up in, and encode tokens/s on the data set's captions. Whether a bfloat16 load keeps
+    `wo` in float32 (T5's `_keep_in_fp32_modules`) has changed between transformers releases (5.19: no, that is
+    for float16 loads only), so it is read off the loaded model. It stays in the model cache for the online leg.
+(3) per denoiser, DiT-I L and CAD-I L at 256 px shapes (latents 4×32×32), `t2i.tasks.train.train_denoiser`
+    (LAMB, EMA, accelerate, bf16, checkpoints), as `t2i train` runs it in-process:
+    (a) throughput, usual (fast) kernels: samples/s of the full loop with stored text (text.mode=precomputed),
+        steady-state log intervals of a fresh run; for DiT-I (the imagenet256 preset's model) the same with
+        text.mode=online (the T5 of (2) encoding each batch's captions inside the step, as the preset trained),
+        and the step-time ratio online ÷ precomputed;
+    (b) resume: 10 steps, stop, resume to 20, and the raw and EMA weights compared with an uninterrupted 20-step
+        run, under `torch.use_deterministic_algorithms(True, warn_only=True)`, deterministic cuDNN and the math
+        SDPA backend (flash and memory-efficient SDPA backward are not deterministic). Everything that runs
+        attention runs in this process (loader workers only slice tables), so the global SDPA switch covers it.
+        warn_only because no GPU run has yet shown that every op of the loop has a deterministic CUDA kernel:
+        one without warns rather than killing the leg, and the ops that warned are printed. (warn_only picks
+        the same kernels as warn_only=False except in flash and memory-efficient SDPA, which math excludes.);
+    (c) sampling with `t2i.models.sampling.sample_latents` from the final EMA weights, as `t2i evaluate` calls
+        it, decoded with the VAE: the images must be finite;
+    (d) the bare forward/backward/LAMB/EMA step on tensors already on the device (same text lengths and padding
+        mask); MFU from FlopCounterMode's count of one forward+backward against the GPU's bf16 dense peak.
+(4) AutoencoderKL encode images/s (256 px, bf16, through `t2i.models.vae`).
 
-Output: one line per figure, `name: value unit (target …)`, the last a summary; exit 1 if a check failed
-(targets missed are reported, not fatal).
+Figures, one line each (`name: value unit (note)`); <m> stands for dit-L and cad-L (dit-tiny and cad-tiny in
+the smoke run), [dit] marks the DiT-I-only ones:
+    imports; device; data; t5 load; t5 wo dtype; t5 encode;
+    <m> full loop; [dit] <m> full loop online text; [dit] <m> online/precomputed step time;
+    <m> resume; <m> resume max|Δw|; <m> resume nondeterministic ops; <m> train (resumed leg);
+    <m> training preview; <m> sample; <m> bare step; <m> full/bare; <m> MFU;
+    vae encode; wall time; summary.
+Indented lines are details (package versions, loader notes), not figures. Exit 1 if a check failed, 2 if the
+run could not start (no CUDA device, a module missing); targets missed are reported, not fatal.
 
-Needs, beside a CUDA PyTorch image (torch, transformers, accelerate, safetensors, numpy, pyarrow, pillow; pyyaml
-comes with transformers), these wheels, installed with `pip install --no-index --no-deps *.whl`:
+Time budget on an H100/H200: 360 s in all, `wall time` prints the split per leg (the figures below are estimates,
+not yet measured on a GPU): imports ~10 s; data set, VAE and T5 (4.8 GB in float32) saved ~30 s; T5 load and
+encode ~20 s; per denoiser ~120 s (the runs start a fresh accelerate state, model and loader each, and each
+resume run writes a ~7 GB checkpoint in the background); DiT's online-text leg ~30 s of it; VAE ~5 s.
+
+Needs, beside a CUDA PyTorch image (torch, transformers + tokenizers, accelerate, safetensors, numpy, pyarrow,
+pillow; pyyaml comes with transformers), these wheels, installed with `pip install --no-index --no-deps *.whl`:
   - diffusers (6.4 MB) — AutoencoderKL;
   - pydantic + pydantic-core (for the image's Python) + annotated-types + typing-inspection (2.8 MB), if absent —
     `t2i.flows.config`;
@@ -39,9 +74,11 @@ comes with transformers), these wheels, installed with `pip install --no-index -
 from __future__ import annotations
 
 import argparse
+import ast
 import atexit
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import math
@@ -51,7 +88,9 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import types
+import warnings
 from dataclasses import dataclass, field, replace
 from importlib import util as importlib_util
 from pathlib import Path
@@ -122,8 +161,7 @@ class Sizes:
     precision: str = "bf16"  # train.mixed_precision; bf16 autocast in the bare step too
     size: str = "L"
     latent: int = 32  # latent side: 256 px through the SD VAE's factor 8
-    text_dim: int = 2048  # flan-t5-xl
-    tokens: int = 128
+    tokens: tuple[int, int] = (120, 200)  # caption lengths in T5 tokens (`</s>` included), drawn uniformly
     samples: int = 512
     shard: int = 128
     batch: int = 128
@@ -140,32 +178,45 @@ class Sizes:
         default_factory=lambda: dict(d_model=2048, num_layers=24, num_heads=32, d_kv=64, d_ff=5120)
     )
     t5_batch: int = 64
+    online: tuple[str, ...] = ("dit",)  # denoisers that also get the text.mode=online throughput leg
     images: int = 4
     sample_steps: int = 20
     peak_tflops: float | None = None  # None: looked up from the GPU's name
+    budget_s: float | None = 360.0  # the whole run; None: no budget (the smoke run)
+    threads: int | None = None  # torch's CPU threads; None: its default
 
     @property
     def pixels(self) -> int:
         return self.latent * 2 ** (len(self.vae_blocks) - 1)
 
+    @property
+    def text_dim(self) -> int:  # stored and online text are both the T5's last hidden state
+        return self.t5["d_model"]
+
 
 GPU = Sizes()
-SMOKE = Sizes(device="cpu", precision="no", size="tiny", latent=8, text_dim=32, tokens=16, samples=32, shard=16,
-              batch=8, steps=4, log_every=1, workers=0, warmup=1, iters=2, vae_blocks=(8, 16), vae_layers=1,
-              vae_groups=4, vae_batch=4, t5=dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64),
-              t5_batch=4, images=2, sample_steps=3, peak_tflops=1.0)  # fmt: skip
+SMOKE = Sizes(device="cpu", precision="no", size="tiny", latent=8, tokens=(6, 16), samples=32, shard=16, batch=8,
+              steps=4, log_every=1, workers=0, warmup=1, iters=2, vae_blocks=(8, 16), vae_layers=1, vae_groups=4,
+              vae_batch=4, t5=dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64), t5_batch=4,
+              images=2, sample_steps=3, peak_tflops=1.0, budget_s=None, threads=1)  # fmt: skip
+# threads=1: tiny models gain nothing from a second thread, and on a 2-core runner busy with other jobs torch's
+# two OpenMP threads waiting on each other made the smoke run 110-500 s instead of ~15 s (13-16 s either way idle).
 
 # bf16 dense tensor-core peaks (TFLOP/s), matched in order against torch.cuda.get_device_name()
 PEAKS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0)]
 
 
 class Report:
-    """Figure lines as they come (`name: value unit (target …)`), and the tally the summary line gives."""
+    """Figure lines as they come (`name: value unit (target …)`), the tally the summary line gives, and the wall
+    time of each leg."""
 
     def __init__(self) -> None:
         self.t0, self.failed, self.passed, self.missed, self.met = time.time(), [], [], [], []
+        self.legs: dict[str, float] = {}
+        self.printed: set[str] = set()
 
     def line(self, name: str, value, unit: str = "", note: str = "") -> None:
+        self.printed.add(name)
         text = str(value)
         if isinstance(value, float):
             text = f"{value:.0f}" if math.isfinite(value) and abs(value) >= 1000 else f"{value:.4g}"
@@ -179,6 +230,35 @@ class Report:
         (self.met if value >= at_least else self.missed).append(name)
         self.line(name, value, unit, f"{note + '; ' if note else ''}target ≥ {at_least:g} {unit}")
 
+    def guarded(self, figures: list[str], fn, *args) -> None:
+        """Run a leg whose failure must not cost the legs after it (the new T5 and online-text legs): on an
+        exception its traceback goes to stderr and each of its `figures` not printed yet is reported FAILED."""
+        try:
+            fn(*args)
+        except Exception as err:
+            traceback.print_exc()
+            for name in figures:
+                if name not in self.printed:
+                    self.check(name, False, float("nan"), "", f"{type(err).__name__}: {str(err)[:200]}")
+            free_memory()
+
+    @contextlib.contextmanager
+    def leg(self, name: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.legs[name] = self.legs.get(name, 0.0) + time.time() - t0
+
+    def wall_time(self, budget: float | None) -> None:
+        total = time.time() - self.t0
+        split = ", ".join(f"{name} {seconds:.0f}" for name, seconds in self.legs.items())
+        if budget is None:
+            self.line("wall time", total, "s", f"{split}; no budget off the GPU")
+            return
+        (self.met if total <= budget else self.missed).append("wall time")
+        self.line("wall time", total, "s", f"{split}; target ≤ {budget:g} s")
+
     def summary(self) -> None:
         missed = f" (missed: {', '.join(self.missed)})" if self.missed else ""
         failed = f" (failed: {', '.join(self.failed)})" if self.failed else ""
@@ -187,7 +267,186 @@ class Report:
               f"{time.time() - self.t0:.0f} s", flush=True)  # fmt: skip
 
 
-# --- the data set: what the latents stage would write ---------------------------------------------------------
+# --- (0) imports, before the clock starts -----------------------------------------------------------------------
+
+# Checked by name, with their versions: the carried wheels and what the image must provide. Every import this
+# script and the t2i modules below make inside functions is found in their source and checked as well.
+PACKAGES = [  # (distribution, module, names)
+    ("torch", "torch", ("nn", "autocast")),
+    ("numpy", "numpy", ()),
+    ("pyarrow", "pyarrow", ()),
+    ("safetensors", "safetensors.torch", ("save_file", "load_file")),
+    ("pillow", "PIL.Image", ("fromarray",)),
+    ("PyYAML", "yaml", ("safe_load",)),
+    ("transformers", "transformers", ("AutoTokenizer", "T5EncoderModel")),
+    ("tokenizers", "tokenizers", ("Tokenizer",)),
+    ("accelerate", "accelerate", ("Accelerator",)),
+    ("diffusers", "diffusers", ("AutoencoderKL",)),  # carried
+    ("pydantic", "pydantic", ("BaseModel", "Field")),  # carried if absent, with the three below
+    ("pydantic-core", "pydantic_core", ()),
+    ("tensorboard", "tensorboard", ()),  # carried if absent, with the two below
+    ("protobuf", "google.protobuf", ()),
+    ("absl-py", "absl", ()),
+]
+# The t2i modules the legs use; their imports inside functions are checked too (and so on, for t2i modules).
+T2I_MODULES = (
+    "t2i.flows.config", "t2i.data.schemas", "t2i.data.store", "t2i.data.train_data", "t2i.tasks.train",
+    "t2i.tasks.train_batches", "t2i.tasks.train_job", "t2i.tasks.checkpoints", "t2i.tasks.text",
+    "t2i.tasks.model_cache", "t2i.tasks.shards", "t2i.models.text_encoder", "t2i.models.vae",
+    "t2i.models.sampling", "t2i.models.dit", "t2i.models.cad", "t2i.models.ema", "t2i.models.lamb",
+)  # fmt: skip
+NOT_ON_THE_LEGS = {  # imports inside functions of those modules that no leg of this check reaches
+    "t2i.models.captioners": "model_cache's captioners (vLLM)",
+    "t2i.data.caption_sets": "model_cache's imported caption sets",
+    "t2i.tasks.hub": "model_cache's imported caption sets",
+    "torch.distributed.run": "train_job's torchrun launch (this check trains in-process)",
+    "prefect.artifacts": "shards' Prefect UI artifacts (updated only once created, which takes a flow run)",
+}
+NOT_SCANNED = {"t2i.models.tiny": "builds `tiny:*` models inside functions; this check's are saved folders"}
+
+
+def function_imports(path: Path) -> list[tuple[str, tuple[str, ...], int]]:
+    """(module, names, line) of every `import m` / `from m import a, b` inside a function of a source file,
+    except in the body of a `try` (an import there has a fallback)."""
+    found: list[tuple[str, tuple[str, ...], int]] = []
+    try_types = tuple(t for t in (ast.Try, getattr(ast, "TryStar", None)) if t is not None)
+
+    def visit(node: ast.AST, inside: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, try_types):
+                for part in (*child.handlers, *child.orelse, *child.finalbody):
+                    visit_node(part, inside)
+            else:
+                visit_node(child, inside)
+
+    def visit_node(node: ast.AST, inside: bool) -> None:
+        inside = inside or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        if inside and isinstance(node, ast.Import):
+            found.extend((alias.name, (), node.lineno) for alias in node.names)
+        elif inside and isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, tuple(alias.name for alias in node.names), node.lineno))
+        visit(node, inside)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return found
+
+
+def import_check(report: Report) -> bool:
+    """(0): import everything the legs will import, look up the names they use, and print what was found;
+    False (after naming each missing module and who imports it) if anything is missing."""
+    from importlib import metadata
+
+    t0 = time.perf_counter()
+    names: dict[str, set[str]] = {}  # module → names looked up in it
+    failures: dict[str, tuple[str, set[str]]] = {}  # missing module (or module.name) → (error, imported by)
+    lazy, skipped, scanned = 0, set(), set()
+
+    def verify(module: str, wanted: tuple[str, ...], where: str) -> bool:
+        try:
+            mod = importlib.import_module(module)
+        except Exception as err:  # ImportError, or whatever the module raises at import
+            missing = getattr(err, "name", None) or module
+            failures.setdefault(missing, (f"{type(err).__name__}: {err}", set()))[1].add(where)
+            return False
+        for name in wanted:
+            try:
+                if not hasattr(mod, name):  # a lazy module's attribute may raise its own import error
+                    importlib.import_module(f"{module}.{name}")  # `from package import submodule`
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+                if isinstance(err, ModuleNotFoundError) and err.name == f"{module}.{name}":
+                    error = f"ImportError: cannot import name {name!r} from {module!r}"
+                failures.setdefault(f"{module}.{name}", (error, set()))[1].add(where)
+                continue
+            names.setdefault(module, set()).add(name)
+        names.setdefault(module, set())
+        return True
+
+    def scan(path: Path, label: str) -> None:
+        nonlocal lazy
+        for module, wanted, line in function_imports(path):
+            if module in NOT_ON_THE_LEGS:
+                skipped.add(module)
+                continue
+            lazy += 1
+            if verify(module, wanted, f"{label}:{line}") and module.startswith("t2i."):
+                # a t2i module imported inside a function: its own imports inside functions too
+                queue.extend(m for m in (module, *(f"{module}.{n}" for n in wanted)) if m in sys.modules)
+
+    verify("t2i.models", (), "T2I_MODULES")  # first: its torchvision shim must precede transformers' imports
+    for _dist, module, wanted in PACKAGES:
+        verify(module, wanted, "PACKAGES")
+    if PREFECT_STAND_IN:
+        names.setdefault("prefect", set())
+    else:
+        verify("prefect", ("task",), "--with-prefect")
+    queue: list[str] = list(T2I_MODULES)
+    scan(Path(__file__).resolve(), "check.py")
+    while queue:
+        module = queue.pop(0)
+        if module in scanned:
+            continue
+        scanned.add(module)
+        if verify(module, (), "T2I_MODULES") and (origin := getattr(sys.modules[module], "__file__", None)):
+            scan(Path(origin), module)
+        if not queue:  # then every t2i module those imported on the way, but the ones no leg uses inside
+            queue = sorted(
+                m for m in sys.modules if m.startswith("t2i.") and m not in scanned | NOT_SCANNED.keys()
+            )
+
+    dists = {module.split(".")[0]: dist for dist, module, _ in PACKAGES}
+    top_dists = metadata.packages_distributions()
+    groups: dict[str, set[str]] = {}
+    for module, found in names.items():
+        top = module.split(".")[0]
+        key = "(standard library)" if top in sys.stdlib_module_names else top
+        groups.setdefault(key, set()).update(found or {module})
+    for top, found in sorted(groups.items(), key=lambda item: item[0].lower()):
+        if top == "t2i":
+            modules = [m for m in names if m.startswith("t2i.")]
+            print(f"  t2i (this checkout): {len(modules)} modules, {sum(len(names[m]) for m in modules)} names "
+                  "ok", flush=True)  # fmt: skip
+            continue
+        if top == "prefect" and PREFECT_STAND_IN:
+            print(f"  prefect (this check's stand-in): {', '.join(sorted(found))} ok", flush=True)
+            continue
+        if top == "(standard library)":
+            print(f"  standard library: {', '.join(sorted(found))} ok", flush=True)
+            continue
+        dist = dists.get(top) or (top_dists.get(top) or [top])[0]
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = getattr(sys.modules.get(top), "__version__", "(version unknown)")
+        print(f"  {dist} {version}: {', '.join(sorted(found))} ok", flush=True)
+    if skipped:
+        print("  not imported, no leg reaches them: "
+              + "; ".join(f"{m} ({NOT_ON_THE_LEGS[m]})" for m in sorted(skipped)), flush=True)  # fmt: skip
+    for missing, (error, where) in failures.items():
+        label = (
+            "MISSING" if error.startswith("ModuleNotFoundError") else "BROKEN"
+        )  # absent, or fails to import
+        print(f"  {label} {missing}: {error[:300]} (imported by {', '.join(sorted(where))})", flush=True)
+    seconds = time.perf_counter() - t0
+    report.check("imports", not failures, len(names), "modules",
+                 f"including what {lazy} imports inside functions of this check and of t2i name; "
+                 f"{seconds:.1f} s, before any timed leg")  # fmt: skip
+    if failures:
+        ours = [m for m in failures if m.startswith("t2i.")]
+        theirs = [m for m in failures if m not in ours]
+        print(f"gpu-check: stopped before any timed leg, {seconds:.0f} s in: cannot import "
+              f"{', '.join(failures)}; the MISSING / BROKEN lines above say why and who imports it."
+              + (f" {', '.join(theirs)}: install the carried wheels (`pip install --no-index --no-deps *.whl`, "
+                 "see the docstring of tests/gpu/check.py) or what the image lacks." if theirs else "")
+              + (f" {', '.join(ours)}: this checkout's code does not import." if ours else ""),
+              file=sys.stderr, flush=True)  # fmt: skip
+    return not failures
+
+
+# --- (1) the data set, as the stages write it, and the saved VAE and T5 ----------------------------------------
+
+WORDS = 32000  # the stand-in tokenizer's words w0 … w31999, one T5 token each (flan-t5's vocabulary: 32,100)
+T5_VOCAB = 32128  # flan-t5-xl's embedding rows
 
 
 @dataclass(frozen=True)
@@ -197,11 +456,14 @@ class Data:
     text: object
     shards: int
     table_root: Path
+    texts: list[str]  # every caption, in key order
+    lengths: list[int]  # its T5 tokens, `</s>` included
 
 
 def make_dataset(ws: Path, s: Sizes) -> Data:
-    """Latents (random moments), captions and stored text embeddings (`text.mode: precomputed`) written as the
-    stages write them, so training needs no VAE and no T5-XL; every caption has `s.tokens` tokens."""
+    """Latents (random moments), captions of `s.tokens` T5 tokens and their stored embeddings (`text.mode:
+    precomputed`, one row per token as the latents stage stores them) written as the stages write them, so the
+    precomputed legs need no VAE and no T5, and the online leg encodes the same captions."""
     import numpy as np
     import pyarrow as pa
     import torch
@@ -211,27 +473,33 @@ def make_dataset(ws: Path, s: Sizes) -> Data:
     from t2i.data.train_data import train_table_for
 
     rng, shape = np.random.default_rng(0), (4, s.latent, s.latent)
+    lengths = [int(n) for n in rng.integers(s.tokens[0], s.tokens[1] + 1, s.samples)]
+    texts = [" ".join(f"w{w}" for w in rng.integers(0, WORDS, n - 1)) for n in lengths]  # + `</s>`
     latents, captions, text = (Artifact(ws, stage, "gpu-check") for stage in ("latents", "recaption", "text"))
     shards = -(-s.samples // s.shard)
     for i in range(shards):
-        keys = [f"k{j}" for j in range(i * s.shard, min(s.samples, (i + 1) * s.shard))]
+        rows = range(i * s.shard, min(s.samples, (i + 1) * s.shard))
+        keys, n = [f"k{j}" for j in rows], [lengths[j] for j in rows]
         mean = rng.standard_normal((len(keys), *shape)).astype(np.float16)
         std = (0.1 + 0.05 * rng.random((len(keys), *shape))).astype(np.float16)
         latents.write_shard(i, pa.Table.from_pydict(
             {"key": keys, "mean": [m.tobytes() for m in mean], "std": [d.tobytes() for d in std]}, schema=LATENTS,
         ).replace_schema_metadata({SHAPE_META_KEY: json.dumps(list(shape)).encode()}))  # fmt: skip
         captions.write_shard(i, pa.Table.from_pylist(
-            [{"key": k, "caption": f"caption {k}", "model": "gpu-check", "tokens": s.tokens, "finish_reason": "stop"}
-             for k in keys], schema=CAPTIONS))  # fmt: skip
-        emb = torch.randn(len(keys), s.tokens, s.text_dim, generator=torch.Generator().manual_seed(i))
+            [{"key": k, "caption": texts[j], "model": "gpu-check", "tokens": lengths[j], "finish_reason": "stop"}
+             for k, j in zip(keys, rows, strict=True)], schema=CAPTIONS))  # fmt: skip
+        emb = torch.randn(sum(n), s.text_dim, generator=torch.Generator().manual_seed(i))
         words = emb.to(torch.bfloat16).view(torch.uint8).numpy()
+        ends = np.cumsum(n)
         text.write_shard(i, pa.Table.from_pydict(
-            {"key": keys, "embedding": [w.tobytes() for w in words], "tokens": [s.tokens] * len(keys)},
-            schema=TEXT_EMBEDDINGS))  # fmt: skip
+            {"key": keys, "embedding": [words[e - k:e].tobytes() for e, k in zip(ends, n, strict=True)],
+             "tokens": n}, schema=TEXT_EMBEDDINGS))  # fmt: skip
     null = torch.randn(1, s.text_dim).to(torch.bfloat16).float().tolist()
     text.write_manifest(config={}, inputs={}, started=time.time(),
                         extra={"dim": s.text_dim, "dtype": "bfloat16", "null_embedding": null})  # fmt: skip
-    return Data(latents, captions, text, shards, train_table_for(latents, captions, text).root)
+    return Data(
+        latents, captions, text, shards, train_table_for(latents, captions, text).root, texts, lengths
+    )
 
 
 def save_vae(ws: Path, s: Sizes) -> str:
@@ -247,19 +515,95 @@ def save_vae(ws: Path, s: Sizes) -> str:
     return str(ws / "vae")
 
 
-# --- training runs --------------------------------------------------------------------------------------------
+def save_t5(ws: Path, s: Sizes) -> str:
+    """A T5 encoder of google/flan-t5-xl's layout (random weights, built on the device) saved with
+    `save_pretrained` in float32, as the Hub's checkpoint is stored, beside a stand-in tokenizer: T5's own
+    (sentencepiece) cannot be made offline, so one token per word `w0` … `w31999`, `</s>` appended and `<pad>`
+    id 0 as in T5's. `text.encoder` names this folder; the project's loader loads it."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights"
+    out = ws / "t5"
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": 3 + i for i in range(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])  # fmt: skip
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                            model_max_length=512).save_pretrained(out)  # fmt: skip
+    config = T5Config(vocab_size=T5_VOCAB, feed_forward_proj="gated-gelu", is_encoder_decoder=False, **s.t5)
+    with torch.device(s.device):
+        model = T5EncoderModel(config).float()
+    model.save_pretrained(out)
+    del model
+    free_memory()
+    return str(out)
 
 
-def configs(ws: Path, s: Sizes, model: str):
-    """The imagenet256 recipe (LAMB, lr, warmup, EMA 0.9999, grad clip, CFG dropout, bf16) at this check's sizes;
-    checkpoints and previews only at the last step of a run."""
+# --- (2) T5 as training loads it ----------------------------------------------------------------------------------
+
+
+def t5_figures(report: Report, s: Sizes, ws: Path, data: Data, text_cfg) -> None:
+    """(2): the encoder of the online-text config loaded as training loads it (`load_encoder` → the model cache →
+    `TextEncoder` → `from_pretrained(path, dtype=text.dtype)`): load time, the dtypes it got, and tokens/s of
+    `TextEncoder.encode` on data-set captions (tokenizer included). It stays cached for the online leg."""
+    import torch
+    import transformers
+
+    from t2i.tasks.text import load_encoder
+
+    t0 = time.perf_counter()
+    encoder = load_encoder(text_cfg, ws, s.device)
+    synchronize(s.device)
+    seconds, model = time.perf_counter() - t0, encoder.model
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    report.line("t5 load", seconds, "s",
+                f"t2i.tasks.text.load_encoder → TextEncoder → T5EncoderModel.from_pretrained(dtype={text_cfg.dtype}) "
+                f"of the float32 save, flan-t5-xl layout ({params:.0f}M), onto {s.device}")  # fmt: skip
+
+    def dtype_names(tensors) -> str:
+        return "+".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors})) or "none"
+
+    wo = [m.wo.weight for m in model.modules() if isinstance(getattr(m, "wo", None), torch.nn.Linear)]
+    others = [p for n, p in model.named_parameters() if ".wo." not in n]
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None)
+    why = (f"transformers {transformers.__version__}: _keep_in_fp32_modules {sorted(keep or [])}, "
+           f"_keep_in_fp32_modules_strict {sorted(strict or [])}")  # fmt: skip
+    if dtype_names(wo) != text_cfg.dtype:
+        why += f"; wo not in the requested {text_cfg.dtype}"
+    report.line("t5 wo dtype", dtype_names(wo), "",
+                f"{len(wo)} feed-forward output projections; all other weights {dtype_names(others)}; {why}")  # fmt: skip
+
+    batch = data.texts[: s.t5_batch]
+    tokens = sum(data.lengths[: s.t5_batch])
+    seconds = timed(lambda _: encoder.encode(batch), s)
+    report.line("t5 encode", tokens * s.iters / seconds, "tokens/s",
+                f"TextEncoder.encode of {len(batch)} data-set captions, {s.tokens[0]}–{s.tokens[1]} tokens padded "
+                f"to the longest, real tokens counted, {text_cfg.dtype}, wo {dtype_names(wo)}")  # fmt: skip
+
+
+# --- (3) training runs ----------------------------------------------------------------------------------------------
+
+
+def configs(ws: Path, s: Sizes, model: str, encoder: str | None = None):
+    """The imagenet256 recipe (LAMB, lr, warmup, EMA 0.9999, grad clip, CFG dropout, bf16, T5 in bfloat16) at
+    this check's sizes; text.mode precomputed, or online with the T5 saved at `encoder`. Checkpoints and
+    previews only at the last step of a run."""
     from t2i.flows.config import load_config
 
     sets = {"model": model, "size": s.size, "batch_size": s.batch, "steps": s.steps, "log_every": s.log_every,
             "checkpoint_every": 10 * s.steps, "sample_every": 10 * s.steps, "sample_prompts": s.images,
             "loader_workers": s.workers, "mixed_precision": s.precision, "device": s.device}  # fmt: skip
     overrides = [f"train.{k}={json.dumps(v)}" for k, v in sets.items()]  # JSON is YAML: "no" stays a string
-    overrides += ["text.mode=precomputed", "text.dtype=bfloat16", f"text.max_length={s.tokens}"]
+    overrides += ["text.dtype=bfloat16"]
+    if encoder is None:
+        overrides += ["text.mode=precomputed"]
+    else:
+        overrides += ["text.mode=online", f"text.encoder={json.dumps(encoder)}"]
     cfg = load_config("imagenet256", overrides, str(ws))
     return cfg.train, cfg.text
 
@@ -306,6 +650,14 @@ def run_training(ws: Path, name: str, train_cfg, text_cfg, data: Data, stop_afte
     return result, capture, artifact.root
 
 
+def full_loop_rate(ws: Path, s: Sizes, name: str, train_cfg, text_cfg, data: Data) -> float:
+    """(3a): steady samples/s of a fresh run, stopped at `s.steps` of `s.steps + 1` (no final weights to save)."""
+    longer = train_cfg.model_copy(update={"steps": s.steps + 1})
+    _, log, root = run_training(ws, name, longer, text_cfg, data, stop_after=s.steps)
+    shutil.rmtree(root, ignore_errors=True)
+    return log.steady_rate()
+
+
 def free_memory() -> None:
     import torch
 
@@ -314,20 +666,48 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# "<op> does not have a deterministic implementation, but you set …" (an op without a deterministic kernel);
+# "<kernel> defaults to a non-deterministic algorithm. …" (flash / memory-efficient SDPA backward, warned once)
+NONDETERMINISTIC = re.compile(
+    r"^(.+?) (?:does not have a deterministic implementation|defaults to a non-deterministic)"
+)
+
+
 @contextlib.contextmanager
-def deterministic_kernels():
-    """Bitwise resume equality needs kernels that do not reorder sums between runs (cuBLAS, cuDNN, SDPA
-    backward); off again afterwards, so the timed runs use the usual kernels."""
+def deterministic_kernels(warned: dict[str, int]):
+    """Bitwise resume equality needs kernels that do not reorder sums between runs: deterministic algorithms
+    (cuBLAS with its workspace config, index ops), deterministic cuDNN, and the math SDPA backend (the flash and
+    memory-efficient backward kernels accumulate in a varying order). All off again afterwards, so the timed runs
+    use the usual kernels. The SDPA switch is process-global and no other process runs attention. Warnings
+    naming a non-deterministic op are counted into `warned`; others are shown once each afterwards. Yields the
+    SDPA backends enabled inside."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, bench = True, torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
+    others: dict[tuple, warnings.WarningMessage] = {}
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backends = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
+                                              ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                                              ("cuDNN", torch.backends.cuda.cudnn_sdp_enabled()),
+                                              ("math", torch.backends.cuda.math_sdp_enabled())) if on]  # fmt: skip
+            try:
+                yield backends
+            finally:
+                for w in caught:
+                    if m := NONDETERMINISTIC.match(str(w.message)):
+                        warned[m.group(1)] = warned.get(m.group(1), 0) + 1
+                    else:
+                        others.setdefault((str(w.message), w.category, w.filename, w.lineno), w)
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, bench
+        for w in others.values():
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def state_difference(root_a: Path, root_b: Path, step: int) -> float:
@@ -348,21 +728,25 @@ def state_difference(root_a: Path, root_b: Path, step: int) -> float:
 
 
 def resume_check(report: Report, s: Sizes, ws: Path, data: Data, name: str, train_cfg, text_cfg, vae_path):
-    """(a): stop at half, resume, and compare with an uninterrupted run; returns the uninterrupted run's root
+    """(3b): stop at half, resume, and compare with an uninterrupted run; returns the uninterrupted run's root
     (its final EMA weights are what `t2i evaluate` samples). That run also draws the training preview grid."""
-    half = s.steps // 2
-    with deterministic_kernels():
+    half, warned = s.steps // 2, {}
+    with deterministic_kernels(warned) as backends:
         _, _, resumed = run_training(ws, f"{name}-resumed", train_cfg, text_cfg, data, stop_after=half)
         result, log, _ = run_training(ws, f"{name}-resumed", train_cfg, text_cfg, data)
         _, _, straight = run_training(ws, f"{name}-straight", train_cfg, text_cfg, data, vae_path=vae_path)
+    kernels = f"deterministic algorithms (warn_only), cuDNN deterministic, SDPA {'+'.join(backends)} only"
     resumed_at = any(f"resuming from step-{half:08d}" in m for m in log.messages)
     report.check(f"{name} resume", resumed_at and result["step"] == s.steps, half if resumed_at else "no", "step",
                  f"resumed at step {half} and finished at {result['step']} of {s.steps}")  # fmt: skip
     delta = state_difference(resumed, straight, s.steps)
     report.check(f"{name} resume max|Δw|", delta == 0.0, delta, "",
-                 f"raw + EMA weights at step {s.steps} vs an uninterrupted run, deterministic kernels; "
+                 f"raw + EMA weights at step {s.steps} vs an uninterrupted run; {kernels}; "
                  "target 0 = bitwise equal")  # fmt: skip
-    report.line(f"{name} train (resumed leg)", log.steady_rate(), "samples/s", "deterministic kernels")
+    ops = ", ".join(f"{op} ×{n}" for op, n in sorted(warned.items()))
+    report.line(f"{name} resume nondeterministic ops", len(warned), "ops",
+                ops or "none warned under torch.use_deterministic_algorithms(True, warn_only=True) in the 3 runs")  # fmt: skip
+    report.line(f"{name} train (resumed leg)", log.steady_rate(), "samples/s", kernels)
     preview = sorted((straight / "samples").glob("*.png")) if (straight / "samples").is_dir() else []
     report.check(f"{name} training preview", bool(preview), len(preview), "grid",
                  f"SamplePreview at step {s.steps} from the saved VAE")  # fmt: skip
@@ -370,7 +754,33 @@ def resume_check(report: Report, s: Sizes, ws: Path, data: Data, name: str, trai
     return straight
 
 
-# --- (b) the bare step and its FLOPs ------------------------------------------------------------------------------
+def online_figures(report: Report, s: Sizes, ws: Path, data: Data, name: str, model: str, t5_path: str,
+                   precomputed: float) -> None:  # fmt: skip
+    """(3a), online: the full loop with text.mode=online, the T5 encoding each batch's kept captions inside the
+    step (loaded by the leg through the model cache, which holds it since `t5 load`); then the cache is
+    released."""
+    from t2i.tasks import model_cache
+
+    train_cfg, text_cfg = configs(ws, s, model, encoder=t5_path)
+    info = getattr(getattr(model_cache, "_cached", None), "cache_info", None)  # functools.lru_cache's
+    hits = info().hits if info else 0
+    try:
+        online = full_loop_rate(ws, s, f"{name}-online", train_cfg, text_cfg, data)
+        cached = "model cache not inspectable" if info is None else "T5 loaded again by the leg"
+        if info is not None and info().hits > hits:
+            cached = "the T5 of `t5 load`, from the model cache"
+    finally:
+        model_cache.release_models()
+        free_memory()
+    report.line(f"{name} full loop online text", online, "samples/s",
+                f"text.mode online: {text_cfg.dtype} T5 encodes each batch's captions ({s.tokens[0]}–{s.tokens[1]} "
+                f"tokens) in the step; {cached}; otherwise as the full loop")  # fmt: skip
+    extra = s.batch / online - s.batch / precomputed
+    report.line(f"{name} online/precomputed step time", precomputed / online, "x",
+                f"full-loop step time, online text ÷ stored embeddings; T5 adds {extra:.3g} s a step")  # fmt: skip
+
+
+# --- (3d) the bare step and its FLOPs -----------------------------------------------------------------------------
 
 
 def synchronize(device: str) -> None:
@@ -394,8 +804,9 @@ def timed(fn, s: Sizes) -> float:
 
 def bare_step(s: Sizes, train_cfg) -> tuple[float, float]:
     """(samples/s, FLOPs of one forward+backward) of the training step without the loop around it: the same
-    model, LAMB, clipping and EMA (and CAD-I's self-conditioning coin) on tensors already on the device. The
-    FLOPs are the model's (one forward and backward, no self-conditioning pass), counted by FlopCounterMode."""
+    model, LAMB, clipping and EMA (and CAD-I's self-conditioning coin) on tensors already on the device, text of
+    the data set's lengths padded to the longest with its mask, as the loader pads it. The FLOPs are the
+    model's (one forward and backward, no self-conditioning pass), counted by FlopCounterMode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -410,7 +821,9 @@ def bare_step(s: Sizes, train_cfg) -> tuple[float, float]:
                            patch_size=cfg.patch_size).to(dev)  # fmt: skip
     optimizer, ema, objective = make_optimizer(model, cfg), EMA(model, cfg.ema_decay), objective_for(cfg)
     z, eps = (torch.randn(s.batch, 4, s.latent, s.latent, device=dev) for _ in range(2))
-    text, mask = torch.randn(s.batch, s.tokens, s.text_dim, device=dev), torch.ones(s.batch, s.tokens, dtype=bool, device=dev)  # fmt: skip
+    lengths = torch.randint(s.tokens[0], s.tokens[1] + 1, (s.batch, 1))
+    mask = (torch.arange(int(lengths.max()))[None] < lengths).to(dev)
+    text = torch.randn(*mask.shape, s.text_dim, device=dev) * mask[..., None]
     t = objective.sample_t(s.batch).to(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
 
@@ -452,16 +865,19 @@ def peak_tflops(s: Sizes, override: float | None) -> tuple[float, str]:
     return float("nan"), f"{name}: peak unknown, pass --peak-tflops"
 
 
-def denoiser_figures(report: Report, s: Sizes, ws: Path, data: Data, model: str, peak, vae_path: str) -> None:
-    """(a), (b) and (d) for one denoiser."""
+def denoiser_figures(report: Report, s: Sizes, ws: Path, data: Data, model: str, peak, vae_path: str,
+                     t5_path: str) -> None:  # fmt: skip
+    """(3) for one denoiser."""
     name = f"{model}-{s.size}"
     train_cfg, text_cfg = configs(ws, s, model)
-    longer = train_cfg.model_copy(update={"steps": s.steps + 1})  # stops at s.steps: no final weights to save
-    _, log, root = run_training(ws, f"{name}-timed", longer, text_cfg, data, stop_after=s.steps)
-    full = log.steady_rate()
-    shutil.rmtree(root, ignore_errors=True)
+    full = full_loop_rate(ws, s, f"{name}-timed", train_cfg, text_cfg, data)
     report.line(f"{name} full loop", full, "samples/s",
-                f"batch {s.batch}, steps {s.log_every + 1}-{s.steps} of a fresh run, {s.workers} loader workers")  # fmt: skip
+                f"text.mode precomputed, batch {s.batch}, steps {s.log_every + 1}-{s.steps} of a fresh run, "
+                f"{s.workers} loader workers")  # fmt: skip
+    if model in s.online:
+        with report.leg(f"{name} online-text leg (in {name})"):
+            figures = [f"{name} full loop online text", f"{name} online/precomputed step time"]
+            report.guarded(figures, online_figures, report, s, ws, data, name, model, t5_path, full)
     straight = resume_check(report, s, ws, data, name, train_cfg, text_cfg, vae_path)
     sample_check(report, s, name, straight, vae_path, data)
     free_memory()
@@ -479,11 +895,11 @@ def denoiser_figures(report: Report, s: Sizes, ws: Path, data: Data, model: str,
         report.line(f"{name} MFU", mfu, "%", note + "; self-conditioning pass not counted")
 
 
-# --- (d) sampling, (c) the encoders --------------------------------------------------------------------------------
+# --- (3c) sampling, (4) the VAE ------------------------------------------------------------------------------------
 
 
 def sample_check(report: Report, s: Sizes, name: str, root: Path, vae_path: str, data: Data) -> None:
-    """(d): the final EMA weights sampled as `t2i evaluate` does (`load_final`, `sample_latents` with its
+    """(3c): the final EMA weights sampled as `t2i evaluate` does (`load_final`, `sample_latents` with its
     generator, `to_vae_latents`, the VAE in float32), on stored caption embeddings; every image must be finite.
     If evaluate's own generator cannot drive this device, that is reported and a device generator used."""
     import numpy as np
@@ -524,7 +940,7 @@ def sample_check(report: Report, s: Sizes, name: str, root: Path, vae_path: str,
 
 
 def vae_figure(report: Report, s: Sizes, vae_path: str) -> None:
-    """(c): images/s of the latents stage's encode (`encode_moments`: posterior mean and std to the host)."""
+    """(4): images/s of the latents stage's encode (`encode_moments`: posterior mean and std to the host)."""
     import numpy as np
 
     from t2i.models.vae import encode_moments, load_vae
@@ -537,34 +953,7 @@ def vae_figure(report: Report, s: Sizes, vae_path: str) -> None:
                 f"sd-vae-ft-ema layout, random weights, {s.pixels} px, {dtype}, batch {s.vae_batch}")  # fmt: skip
 
 
-def t5_figure(report: Report, s: Sizes) -> None:
-    """(c): tokens/s of a flan-t5-xl-shaped encoder (random weights, built on the device), cast as
-    `from_pretrained(dtype=bfloat16)` casts it: `wo` stays float32 (T5's _keep_in_fp32_modules)."""
-    import torch
-    from transformers import T5Config, T5EncoderModel
-
-    dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
-    config = T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", is_encoder_decoder=False, **s.t5)
-    with torch.device(s.device):
-        model = T5EncoderModel(config).to(dtype).eval().requires_grad_(False)
-    for module_name, module in model.named_modules():
-        if module_name.rsplit(".", 1)[-1] in (model._keep_in_fp32_modules or []):
-            module.float()
-    ids = torch.randint(0, config.vocab_size, (s.t5_batch, s.tokens), device=s.device)
-    attention = torch.ones_like(ids)
-
-    def encode(_):
-        with torch.no_grad():  # as TextEncoder.encode
-            return model(input_ids=ids, attention_mask=attention).last_hidden_state
-
-    seconds = timed(encode, s)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    report.line("t5 encode", s.t5_batch * s.tokens * s.iters / seconds, "tokens/s",
-                f"flan-t5-xl layout ({params:.0f}M), random weights, {s.tokens} tokens, batch {s.t5_batch}, "
-                f"{str(dtype).removeprefix('torch.')}")  # fmt: skip
-
-
-# --- main --------------------------------------------------------------------------------------------------------
+# --- main ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -580,12 +969,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def loader_workers(s: Sizes) -> int:
-    """Loader workers hand batches over through /dev/shm (at GPU sizes ~130 MB of float32 text each, 4 in
+    """Loader workers hand batches over through /dev/shm (at GPU sizes ~200 MB of float32 text each, 4 in
     flight per worker); a container's default 64 MB would kill them, so then load in-process, and say so."""
-    need = s.workers * 4 * s.batch * s.tokens * s.text_dim * 4 * 2
+    need = s.workers * 4 * s.batch * s.tokens[1] * s.text_dim * 4 * 2
     free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
     if s.workers and free < need:
-        print(f"loader: /dev/shm has {free / 2**30:.1f} GiB free, {s.workers} workers need ~{need / 2**30:.1f}: "
+        print(f"  loader: /dev/shm has {free / 2**30:.1f} GiB free, {s.workers} workers need ~{need / 2**30:.1f}: "
               "training loads in-process (0 workers)", flush=True)  # fmt: skip
         return 0
     return s.workers
@@ -597,7 +986,7 @@ def describe(s: Sizes, peak) -> str:
     where = (
         torch.cuda.get_device_name()
         if s.device.startswith("cuda")
-        else f"cpu, {torch.get_num_threads()} threads"
+        else f"cpu, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
     )
     return (f"{where}; torch {torch.__version__}; {s.precision} mixed precision; peak {peak[0]:g} TFLOP/s "
             f"({peak[1]}); prefect {'stand-in' if PREFECT_STAND_IN else 'installed'}; {s.workers} loader workers")  # fmt: skip
@@ -605,9 +994,15 @@ def describe(s: Sizes, peak) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    report = Report()
+    with report.leg("imports"):
+        if not import_check(report):
+            return 2
     import torch
 
     s = SMOKE if args.smoke else GPU
+    if s.threads:
+        torch.set_num_threads(s.threads)
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; `--smoke` runs the same code on CPU", file=sys.stderr)
         return 2
@@ -618,19 +1013,29 @@ def main(argv=None) -> int:
         multiprocessing.get_context("forkserver").set_forkserver_preload(
             ["__main__", "t2i.tasks.train_batches"]
         )
-    report, peak = Report(), peak_tflops(s, args.peak_tflops)
+    peak = peak_tflops(s, args.peak_tflops)
     report.line("device", s.device, "", describe(s, peak))
     with tempfile.TemporaryDirectory(prefix="t2i-gpu-check-", dir=args.tmp) as tmp:
         ws = Path(tmp)
-        t0 = time.perf_counter()
-        data, vae_path = make_dataset(ws, s), save_vae(ws, s)
-        report.line("data", s.samples, "samples", f"latents 4×{s.latent}×{s.latent}, text {s.tokens}×{s.text_dim} "
-                    f"bfloat16, made in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+        with report.leg("data"):
+            t0 = time.perf_counter()
+            data, vae_path, t5_path = make_dataset(ws, s), save_vae(ws, s), save_t5(ws, s)
+            seconds = time.perf_counter() - t0
+            report.line("data", s.samples, "samples",
+                        f"latents 4×{s.latent}×{s.latent}, captions of {s.tokens[0]}–{s.tokens[1]} T5 tokens, "
+                        f"stored text {s.text_dim} wide in bfloat16; VAE and T5 saved; {seconds:.1f} s")  # fmt: skip
+        with report.leg("t5"):
+            text_cfg = configs(ws, s, "dit", t5_path)[1]
+            report.guarded(["t5 load", "t5 wo dtype", "t5 encode"], t5_figures, report, s, ws, data, text_cfg)
         for model in ("dit", "cad"):
-            denoiser_figures(report, s, ws, data, model, peak, vae_path)
-        vae_figure(report, s, vae_path)
-        free_memory()
-        t5_figure(report, s)
+            with report.leg(f"{model}-{s.size}"):
+                denoiser_figures(report, s, ws, data, model, peak, vae_path, t5_path)
+        from t2i.tasks.model_cache import release_models
+
+        release_models()  # the T5 is still cached if no denoiser had an online leg
+        with report.leg("vae"):
+            vae_figure(report, s, vae_path)
+    report.wall_time(s.budget_s)
     report.summary()
     return 1 if report.failed else 0
 

@@ -3,11 +3,14 @@ import torch
 
 from t2i.models.conditioning import (
     apply_text_dropout,
+    bucket_length,
     cfg_dropout_mask,
     cutmix_gate,
     pad_text,
     random_latent_crop,
     swap_in,
+    text_buckets,
+    trim_padding,
 )
 
 N = 100_000
@@ -51,17 +54,25 @@ def test_apply_text_dropout_rows_are_the_null_embedding():
         assert torch.equal(out_text[row], text[row]) and torch.equal(out_mask[row], mask[row])
 
 
-def test_apply_text_dropout_pads_short_text_and_cuts_null_padding():
+def test_apply_text_dropout_pads_short_text_to_the_trimmed_null_text():
     text, mask = text_batch(3, 2, lengths=[2, 1, 2])
     null_text, null_mask = text_batch(1, 10, lengths=[3], seed=2)  # stored padded to 10, 3 real tokens
     drop = torch.tensor([False, True, False])
-    out_text, out_mask = apply_text_dropout(text, mask, drop, null_text, null_mask)
+    out_text, out_mask = apply_text_dropout(text, mask, drop, *trim_padding(null_text, null_mask))
     assert out_text.shape == (3, 3, 8)  # grown to the null's real length, not its stored one
     assert out_mask[1].tolist() == [True, True, True]
     assert torch.equal(out_text[1], null_text[0, :3])
     assert out_mask[0].tolist() == [True, True, False] and out_mask[2].tolist() == [True, True, False]
     assert (out_text[:, 2][[0, 2]] == 0).all()
     torch.testing.assert_close(out_text[[0, 2], :2], text[[0, 2]])
+
+
+def test_text_lengths_fall_in_a_few_buckets():
+    assert text_buckets(256, 4) == [64, 128, 192, 256] and text_buckets(64, 1) == [64]
+    assert text_buckets(10, 4) == [3, 6, 9, 10]  # uneven: the last bucket is max_length itself
+    lengths = {bucket_length(n, 256, 4) for n in range(1, 257)}
+    assert lengths == {64, 128, 192, 256}
+    assert bucket_length(64, 256, 4) == 64 and bucket_length(65, 256, 4) == 128
 
 
 # --- CutMix gating -------------------------------------------------------------------------------------

@@ -351,3 +351,130 @@ def test_ema_unwraps_wrapped_model():
         inner.weight.add_(1.0)
     ema.update(Wrapper(inner))
     assert torch.equal(ema.shadow["weight"], inner.weight)
+
+
+# --- EMA: the multi-tensor update equals the per-tensor definition (tests/reference_optim.py) ---------
+
+
+def _ema_pair(model: torch.nn.Module, **options):
+    from tests.reference_optim import ReferenceEMA
+
+    return EMA(model, **options), ReferenceEMA(model, **options)
+
+
+def _assert_same_shadows(ema: EMA, reference) -> None:
+    assert ema.shadow.keys() == reference.shadow.keys()
+    for name, value in reference.shadow.items():
+        assert ema.shadow[name].dtype == value.dtype, name
+        assert torch.equal(ema.shadow[name], value), name  # the same lerp, tensor by tensor: exact
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_multi_tensor_update_equals_the_per_tensor_definition(dtype, chunk, monkeypatch):
+    """Float32 and bf16 live weights (float32 shadow, staged in chunks of 5 elements too), BatchNorm's float
+    buffers and integer step counter, warmup decay: five updates, bitwise equal."""
+    from t2i.models.lamb import CHUNK_NUMEL
+
+    if chunk:
+        monkeypatch.setitem(CHUNK_NUMEL, "cpu", chunk)
+    torch.manual_seed(0)
+    model = small_net().to(dtype)
+    ema, reference = _ema_pair(model, decay=0.9, warmup=True)
+    assert ema.shadow["0.weight"].dtype == torch.float32
+    for seed in range(5):
+        perturb(model, seed=10 + seed)
+        ema.update(model)
+        reference.update(model)
+        _assert_same_shadows(ema, reference)
+    assert ema.shadow["1.num_batches_tracked"].item() == 35  # copied, not averaged
+    assert ema.state_dict()["num_updates"] == reference.state_dict()["num_updates"] == 5
+
+
+def test_ema_of_a_dit_equals_the_per_tensor_definition():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(latent_size=8, width=32, depth=2, heads=2, text_dim=16))
+    ema, reference = _ema_pair(model, decay=0.99)
+    for seed in range(3):
+        perturb(model, seed=20 + seed)
+        ema.update(model)
+        reference.update(model)
+    _assert_same_shadows(ema, reference)
+
+
+def test_ema_updates_through_ddp_and_compile_wrappers_hit_the_same_tensors():
+    class DDPLike(torch.nn.Module):  # DistributedDataParallel keeps the model as `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    class CompiledLike(torch.nn.Module):  # torch.compile's OptimizedModule keeps it as `._orig_mod`
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+    torch.manual_seed(0)
+    model = small_net()
+    ema, reference = _ema_pair(model, decay=0.5)
+    for seed, wrapped in enumerate(
+        [DDPLike(model), CompiledLike(model), CompiledLike(DDPLike(model)), model]
+    ):
+        perturb(model, seed=30 + seed)  # in place: the wrappers see the same parameters
+        ema.update(wrapped)
+        reference.update(model)
+        _assert_same_shadows(ema, reference)
+
+
+def test_ema_follows_a_different_model_and_a_reassigned_buffer():
+    """Passed another module (with the same names), it averages that one's tensors; a module that assigns a
+    new tensor to a buffer, or is cast to bf16, is followed too."""
+    torch.manual_seed(0)
+    first, second = small_net(), small_net()
+    ema, reference = _ema_pair(first, decay=0.5)
+    perturb(second, seed=40)
+    ema.update(second)
+    reference.update(second)
+    _assert_same_shadows(ema, reference)
+    second[1].running_mean = torch.full((4,), 3.0)  # a new buffer object, as a module's forward may do
+    second[1].num_batches_tracked = torch.tensor(99)
+    ema.update(second)
+    reference.update(second)
+    _assert_same_shadows(ema, reference)
+    assert ema.shadow["1.num_batches_tracked"].item() == 99
+    second.to(torch.bfloat16)  # swaps the parameters' data (and replaces the float buffers)
+    perturb(second, seed=41)
+    ema.update(second)
+    reference.update(second)
+    _assert_same_shadows(ema, reference)
+    with pytest.raises(KeyError, match="does not track"):
+        ema.update(torch.nn.Linear(3, 4))
+
+
+def test_ema_state_round_trip_continues_exactly():
+    torch.manual_seed(0)
+    model = small_net().to(torch.bfloat16)
+    ema = EMA(model, decay=0.9)
+    perturb(model, seed=50)
+    ema.update(model)
+    restored = EMA(model, decay=0.9999)
+    restored.load_state_dict(ema.state_dict())
+    for seed in range(3):
+        perturb(model, seed=51 + seed)
+        ema.update(model)
+        restored.update(model)
+    for name, value in ema.shadow.items():
+        assert torch.equal(restored.shadow[name], value), name
+    assert restored.num_updates == ema.num_updates == 4
+
+
+def test_ema_update_never_reads_a_tensor_on_the_host(monkeypatch):
+    model = small_net().to(torch.bfloat16)
+    ema = EMA(model, decay=0.9, warmup=True)
+
+    def host_sync(*_):
+        raise AssertionError("host synchronisation in EMA.update")
+
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, method, host_sync)
+    ema.update(model)
+    ema.update(model)

@@ -198,9 +198,10 @@ def test_precomputed_text_feeds_the_same_batches_as_the_online_encoder(data_work
         (stored, open_train_table(plan.latents, plan.captions, plan.num_shards, text)),
     ):
         gens = [step_generator(1, 2, position) for position in range(len(rows))]  # a step that drops 3 of 6
+        text = TrainText(mode.text, table, data_workspace, "cpu", cfg.text_buckets)
         batch = assemble_batch(cfg, objective_for(cfg), table, None, rows, gens, torch.zeros(1, 4, 1, 1),
-                               torch.ones(1, 4, 1, 1))  # fmt: skip
-        texts.append((batch["drop"], *TrainText(mode.text, table, data_workspace, "cpu").of_batch(batch)))
+                               torch.ones(1, 4, 1, 1), text.shapes)  # fmt: skip
+        texts.append((batch["drop"], *text.of_batch(batch)))
     (drop_a, a, mask_a), (drop_b, b, mask_b) = texts
     assert torch.equal(drop_a, drop_b) and 0 < int(drop_a.sum()) < len(rows)  # some rows get the empty text
     assert torch.equal(mask_a, mask_b) and a.shape == b.shape

@@ -25,7 +25,7 @@ from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import train_flow, train_job
 from t2i.tasks.checkpoints import load_final, load_state
 from t2i.tasks.shards import RELAY_ENV
-from t2i.tasks.train import train_denoiser
+from t2i.tasks.train import COUNT_SYNCS_ENV, train_denoiser
 from t2i.tasks.train_job import launch_distributed
 from tests.conftest import T2I, _free_port, wait_until
 from tests.file_events import RenameLog, inotify_works
@@ -98,9 +98,10 @@ def job_processes(root: Path) -> dict[int, str]:
     return found
 
 
-def test_two_processes_resumed_on_one_continue_the_one_process_run(data_and_reference, ws):
+def test_two_processes_resumed_on_one_continue_the_one_process_run(data_and_reference, ws, monkeypatch):
     """Draws are keyed by the sample, not the rank: 2 processes × 2 micro-batches to step 30, then 1 process to
     step 60, end where one process alone ends."""
+    monkeypatch.setenv(COUNT_SYNCS_ENV, "1")
     two = load_config("tiny", [*RUN, "train.processes=2", "train.grad_accumulation=2"], str(ws))
     result = launch_distributed.fn(train_job(two, stop_after=30), 2)
     assert result["step"] == 30 and result["processes"] == 2 and result["global_batch"] == 8
@@ -196,7 +197,8 @@ def test_two_nodes_started_ninety_seconds_apart_build_one_table_and_train_one_jo
 def test_two_processes_train_cad_with_self_conditioning_to_the_end(ws):
     """At rate 0.5 several steps skip the self-conditioning pass: DDP must still reduce every parameter."""
     cfg = load_config("tiny", [*RUN, "train.model=cad", "train.self_condition=0.5", "train.steps=6",
-                               "train.processes=2", "train.sample_prompts=2", "train.sample_every=3"], str(ws))  # fmt: skip
+                               "train.processes=2", "train.sample_prompts=2", "train.sample_every=3",
+                               "train.gradient_compression=bf16"], str(ws))  # fmt: skip
     started = datetime.datetime.now(datetime.timezone.utc)
     train_flow(cfg)
     with get_client(sync_client=True) as client:  # rank 0's grids, published by the task in this run's server
@@ -206,6 +208,7 @@ def test_two_processes_train_cad_with_self_conditioning_to_the_end(ws):
     assert sum(g.created >= started and "step-00000003.png" in g.data for g in grids) == 1
     manifest = Plan(cfg).checkpoints.read_manifest()
     assert manifest["step"] == 6 and manifest["processes"] == 2
+    assert manifest["gradient_allreduce"] == "float32"  # bf16 asked for: torch compresses on NCCL (GPUs) only
     assert manifest["rank_checksums"][0] == manifest["rank_checksums"][1]
     model, _ = load_final(Plan(cfg).checkpoints.root)
     assert type(model).__name__ == "CAD"
