@@ -100,8 +100,10 @@ def launch_distributed(job: TrainJob, processes: int) -> dict[str, Any]:
         (job.launch_dir / STOPPED).unlink(missing_ok=True)
     cmd = launch_command(job, processes, job_path)
     log.info(f"[train] launching {processes} processes on node {cfg.node_rank}: torchrun {' '.join(cmd[4:])}")
+    # gloo connects a pair on first use, not all pairs at start-up: after a restart a rank that started first
+    # no longer fails (connection refused, 3 instant retries) before its peer listens
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, RELAY_ENV: str(job_path)})  # fmt: skip
+                            env={"TORCH_GLOO_LAZY_INIT": "1", **os.environ, RELAY_ENV: str(job_path)})  # fmt: skip
     code = relay(proc, log, publish_markdown)
     raise_if_stopped(job)
     if code != 0:
