@@ -274,17 +274,17 @@ class TrainText:
 
     def __init__(self, text_cfg: TextConfig, table: TrainTable, workspace, device, buckets: int) -> None:
         self.table, self.device, self.encoder = table, torch.device(device), None
-        self.shapes = TextShapes(text_cfg.max_length, buckets)
+        tokenizer = None  # online text: captions are tokenized where batches are built
         if table.words is not None:  # text.mode precomputed
             self.dim = table.words.shape[1]
             null = table.null_embedding().float()[None]
             null_text, null_mask = null, torch.ones(null.shape[:2], dtype=torch.bool)
         else:
-            path = resolve_model(text_cfg.encoder, workspace)
-            self.shapes = TextShapes(text_cfg.max_length, buckets, path, text_cfg.revision)
+            tokenizer = resolve_model(text_cfg.encoder, workspace)
             self.encoder = OnlineText(load_encoder(text_cfg, workspace, str(device)), text_cfg.dtype)
             self.dim = self.encoder.dim
             null_text, null_mask = self.encoder.encode([None])
+        self.shapes = TextShapes(text_cfg.max_length, buckets, tokenizer, text_cfg.revision)
         null_text, null_mask = trim_padding(null_text, null_mask)  # once, here: it reads the mask
         self.null_text, self.null_mask = null_text.to(self.device), null_mask.to(self.device)
 
