@@ -1,3 +1,4 @@
-from t2i.models import torchvision_shim as _torchvision_shim
+"""Data: sources, the shapes world, shards on disk and their claims, CutMix, caption sets and train tables.
 
-_torchvision_shim.apply()
+Nothing here imports torchvision or a library that does, so the torchvision shim (`t2i.models`) is not needed.
+"""

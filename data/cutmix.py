@@ -1,6 +1,6 @@
 """Offline CutMix composites: the four paste layouts of the paper, partner choice and compositing.
 
-The recipe (``RECIPE.md``, "Image augmentation") makes one composite per base image, offline: a second
+The paper's recipe (its "Image augmentation" section) makes one composite per base image, offline: a second
 image, from another class, is pasted over the base with a hard mask in one of four layouts chosen uniformly.
 At 256 px:
 

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 1  # bump when scenes or their rendering change: it is part of the download fingerprint
 IMAGE_SIZE = 64
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -44,9 +44,9 @@ class ShapesSource:
         self.num_images, self.seed, self.split = num_images, seed, split
 
     def identity(self) -> dict[str, Any]:
-        from t2i.data import shapes
+        from t2i.data.versions import SHAPES_WORLD
 
-        return {"kind": "synthetic:shapes", "seed": self.seed, "split": self.split, "version": shapes.VERSION}
+        return {"kind": "synthetic:shapes", "seed": self.seed, "split": self.split, "version": SHAPES_WORLD}
 
     def read(self, indices: Sequence[int]) -> Iterator[SourceItem]:
         from t2i.data import shapes

@@ -1,8 +1,9 @@
 """Training data that does not grow with the dataset: latents, captions and stored text embeddings, joined by
-key once into memory-mapped files that every rank and every loader worker reads through the page cache.
+key once into memory-mapped files that every rank and every loader process reads through the page cache.
 
-A train table is an artifact of its own (`<workspace>/train-data/<fingerprint>/`), a pure function of its
-inputs, built once (by the process that launches training) and then only read:
+A train table is an artifact of its own (`<workspace>/train-data/<fingerprint>/`, where
+`t2i.flows.plan.Plan.train_table_of` puts it), a pure function of its inputs, built once (by the process that
+launches training) and then only read:
 
 - `moments.npy`: (N, 2, C, H, W) float16, the VAE posterior mean and std of sample i in row i;
 - `keys.npy`, `captions.npy`: every sample's key and caption as one UTF-8 blob, with `*-offsets.npy`;
@@ -26,9 +27,9 @@ import numpy as np
 import torch
 
 from t2i.data.schemas import SHAPE_META_KEY
-from t2i.data.store import Artifact, atomic_path, fingerprint
+from t2i.data.store import Artifact, atomic_path
+from t2i.data.versions import TRAIN_TABLE
 
-VERSION = 2  # 2: keys and captions as UTF-8 blobs with offsets (1: an Arrow IPC file)
 _WORDS = {2: np.uint16, 4: np.uint32}  # numpy has no bfloat16: stored as raw words, viewed by torch
 
 
@@ -78,21 +79,14 @@ def build_train_table(
         with atomic_path(out.root) as tmp:
             tmp.mkdir(parents=True)
             _write_tables(tmp, latents, captions, text, num_shards, sizes, meta)
-            manifest = {"rows": sizes["rows"], "latent_shape": list(sizes["shape"]), "version": VERSION,
-                        **{k: meta[k] for k in ("dim", "dtype", "null_embedding") if k in meta}}  # fmt: skip
+            text_meta = {k: meta[k] for k in ("dim", "dtype", "null_embedding") if k in meta}
+            shape = list(sizes["shape"])
+            manifest = {"rows": sizes["rows"], "latent_shape": shape, "version": TRAIN_TABLE, **text_meta}
             (tmp / "manifest.json").write_text(json.dumps(manifest))
     except OSError:
         if not out.is_complete():  # else another node built the same table first: use theirs
             raise
     return out
-
-
-def train_table_for(latents: Artifact, captions: Artifact, text: Artifact | None) -> Artifact:
-    """Where the table of these inputs lives: its fingerprint is theirs, so it is built once per input set."""
-    inputs = {"latents": latents.fingerprint, "captions": captions.fingerprint}
-    if text is not None:
-        inputs["text"] = text.fingerprint
-    return Artifact(latents.workspace, "train-data", fingerprint("train-data", VERSION, {}, inputs))
 
 
 class _NpyWriter:
@@ -170,7 +164,7 @@ def _write_tables(tmp: Path, latents, captions, text, num_shards: int, sizes: di
 
 def _open_npy(path: Path) -> np.ndarray:
     """A read-only memory map of a `.npy` file, advised for random access: a training batch touches its own
-    rows, not the read-ahead around them, so a loader worker's memory stays that of its batches."""
+    rows, not the read-ahead around them, so a loader process's memory stays that of its batches."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         read_header = {
@@ -188,7 +182,7 @@ def _open_npy(path: Path) -> np.ndarray:
 
 class TrainTable:
     """Read-only view of a built table. Rows are fetched by index; nothing is loaded whole, and the object
-    pickles as its path, so loader workers reopen the maps instead of copying them."""
+    pickles as its path, so loader processes reopen the maps instead of copying them."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -229,9 +223,13 @@ class TrainTable:
         return torch.tensor(self.manifest["null_embedding"], dtype=getattr(torch, self.manifest["dtype"]))
 
 
-def pad_rows(rows: Sequence[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, length or the longest, dim) in the rows' dtype (bf16 text stays bf16 until the GPU) with zeros after
-    each row's tokens, and the boolean mask."""
+def collate_text_rows(
+    rows: Sequence[torch.Tensor], length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored text rows of different lengths, (tokens, dim) each, collated into one batch: (B, length or the
+    longest, dim) in the rows' dtype (bf16 text stays bf16 until the GPU) with zeros after each row's tokens, and
+    the boolean mask. A loader process does this on the CPU for rows read one by one from the table; it is not
+    `t2i.models.objectives.pad_text`, which pads a batch that already exists, (B, L, D), to a bucket length."""
     longest = max([r.shape[0] for r in rows] + [length or 0])
     out = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), longest, dtype=torch.bool)

@@ -19,11 +19,11 @@ import numpy as np
 from prefect import flow
 
 from t2i.data.shapes import GENERATION_CATEGORIES
-from t2i.data.store import atomic_path, fingerprint
+from t2i.data.store import atomic_path
 from t2i.flows.config import ConfigError, PipelineConfig, with_overrides
 from t2i.flows.pipeline import pipeline_flow
 from t2i.flows.plan import Plan
-from t2i.tasks.shards import publish_markdown, run_logger
+from t2i.tasks.reporting import publish_markdown, run_logger
 
 VARIANTS: dict[str, list[str]] = {
     "class": ["recaption.backend=template", "cutmix.enabled=false"],
@@ -106,7 +106,7 @@ def ablation_flow(cfg: PipelineConfig, seeds: list[int] | None = None) -> dict[s
             )
     table = summarise(runs)
     report = ablation_markdown(table, chance, seeds, cfg)
-    root = cfg.workspace_path / "ablation" / fingerprint("ablation", 1, {}, evaluations)
+    root = Plan(cfg).ablation_dir(evaluations)
     root.mkdir(parents=True, exist_ok=True)
     with atomic_path(root / "report.md") as tmp:
         tmp.write_text(report + "\n" + last_line(table) + "\n")

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from t2i.models.captioners import CLASS_TEMPLATE
+
 PRESETS_PACKAGE = "t2i.flows.presets"
 DEFAULT_WORKSPACE = "workspace"
 SOURCE_KINDS = ("synthetic:shapes", "folder:<path>", "hf:<dataset id or saved path>")
@@ -126,7 +128,7 @@ class DownloadConfig(StageConfig):
         "the listing over the shards (every shard mixes classes) and samples max_images.",
     )
     hf_revision: str | None = Field(None, description="Dataset revision for hf: sources.")
-    workers: int = Field(4, ge=1, le=256, description="Parallel shard workers (threads).")
+    workers: int = Field(4, ge=1, le=256, description="Shards computed at once (threads).")
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers"})
 
@@ -174,7 +176,7 @@ class RecaptionConfig(StageConfig):
         "image in one sentence'}; all go through the engine in the same pass.",
     )
     template: str = Field(
-        "An image of {class_name}", description="Caption of the template backend; {class_name} is filled in."
+        CLASS_TEMPLATE, description="Caption of the template backend; {class_name} is filled in."
     )
     max_new_tokens: int = Field(200, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (the paper).")
@@ -285,7 +287,7 @@ class CutmixConfig(StageConfig):
     resolution: int = Field(256, ge=16, le=4096, description="Side of the square composites.")
     partner_shards: int = Field(4, ge=1, description="Other shards a shard draws its pasted images from.")
     seed: int = Field(0)
-    workers: int = Field(2, ge=1, le=256, description="Parallel shard workers (threads).")
+    workers: int = Field(2, ge=1, le=256, description="Shards computed at once (threads).")
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers"})
 
@@ -318,12 +320,12 @@ class LatentsConfig(StageConfig):
     )
     gpus: int | None = Field(None, ge=1, description="GPUs to use with device 'auto' (default: all visible).")
     workers: int | None = Field(
-        None, ge=1, description="Worker processes (default: one per GPU; 1 on CPU, in the flow's process)."
+        None, ge=1, description="VAE processes (default: one per GPU; 1 on CPU, in the flow's process)."
     )
 
     part: ShardPart = Field(
         "1/1",
-        description="k/n: this run encodes the k-th of n interleaved shard sets (several machines or workers).",
+        description="k/n: this run encodes the k-th of n interleaved shard sets (several machines or Prefect workers).",
     )
 
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "gpus", "workers", "part"})

@@ -6,16 +6,34 @@ claim it evaluates and the others wait for its manifest."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from t2i.data.claims import ShardClaims
+from t2i.data.store import MANIFEST, Artifact
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import skipped_summary, write_once
 from t2i.tasks.evaluate import evaluate_checkpoint
-from t2i.tasks.shards import run_logger
+from t2i.tasks.reporting import run_logger
+
+
+def heldout_artifacts(plan: Plan, prompts: str) -> tuple[Artifact, Artifact] | None:
+    """For `heldout:<recaption artifact folder>` prompts, that captions artifact and the images it captioned
+    (the plan finds them by the fingerprint its manifest names); None for other prompt sets."""
+    kind, _, rest = prompts.partition(":")
+    if kind != "heldout":
+        return None
+    folder = Path(rest).expanduser()
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"evaluate.prompts: {folder} is not a complete recaption artifact (no manifest.json); "
+            "pass the folder `t2i status` prints for recaption"
+        )
+    captions = Artifact(folder.parents[1], "recaption", folder.name)
+    return captions, plan.captioned_images(captions)
 
 
 @flow(name="evaluate", description="Sample prompts with CFG and score the images.", log_prints=True)
@@ -28,7 +46,8 @@ def evaluate_flow(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
 
     def evaluate() -> None:
-        metrics = evaluate_checkpoint(cfg.evaluate, cfg.latents, artifact, checkpoints)
+        heldout = heldout_artifacts(plan, cfg.evaluate.prompts)
+        metrics = evaluate_checkpoint(cfg.evaluate, cfg.latents, artifact, checkpoints, heldout)
         artifact.write_manifest(
             config=artifact.extra["config"],
             inputs=artifact.extra["inputs"],

@@ -1,17 +1,30 @@
-"""The `generate` flow: prompts typed into the deployment's form become images in the run's artifacts."""
+"""The `generate` flow: prompts typed into the deployment's form become images in the run's artifacts; and
+`generate_images`, which `t2i generate` and the flow share: the plan's training run and output folder."""
 
 from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 from prefect import flow
 
 from t2i.flows.config import PipelineConfig
-from t2i.tasks.shards import publish_markdown, run_logger
+from t2i.flows.plan import Plan
+from t2i.tasks.generate import GenerateRequest, TrainedRun, generate, sampling_settings
+from t2i.tasks.reporting import publish_markdown, run_logger
 
 DEFAULT_PROMPTS = ["a large red circle in the top left"]
 ARTIFACT_PROMPTS = 16  # image artifacts live in the server's database: the rest are on disk only
+
+
+def generate_images(cfg: PipelineConfig, request: GenerateRequest, out: Path | None = None) -> list[Path]:
+    """The request's images from the training run `cfg` names, in `out` (default: the plan's folder for
+    this run and request, `<workspace>/generate/<digest>`)."""
+    plan = Plan(cfg)
+    run = TrainedRun(cfg, plan.checkpoints, request.checkpoint)
+    settings = sampling_settings(cfg, request)
+    return generate(run, request, settings, out or plan.generation(settings))
 
 
 def data_url(image) -> str:
@@ -47,13 +60,13 @@ def generate_flow(
     from PIL import Image
     from prefect.artifacts import create_image_artifact
 
-    from t2i.tasks.evaluate import image_grid
-    from t2i.tasks.generate import generate, generate_request
+    from t2i.tasks.generate import generate_request
+    from t2i.tasks.sampling import image_grid
 
     request = generate_request(
         prompts=prompts, n=n, seed=seed, guidance=guidance, steps=steps, checkpoint=checkpoint
     )
-    paths = generate(cfg, request)
+    paths = generate_images(cfg, request)
     for i, prompt in enumerate(request.prompts[:ARTIFACT_PROMPTS]):
         images = [Image.open(p).convert("RGB") for p in paths[i * request.n : (i + 1) * request.n]]
         grid = image_grid(images, columns=request.n, cell=max(images[0].width, 128))

@@ -13,9 +13,9 @@ from t2i.flows.config import PipelineConfig
 from t2i.flows.parts import part_shards, run_parts_if_asked
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import ShardSet, in_process, on_devices, run_stage
-from t2i.tasks.device_workers import gpu_groups
+from t2i.tasks.device_processes import gpu_groups
 from t2i.tasks.latents import latent_statistics, latents_shard, reconstruction_quality
-from t2i.tasks.shards import run_logger
+from t2i.tasks.reporting import run_logger
 from t2i.tasks.text import null_embedding, text_shard
 
 SUFFIX = {"download": "", "cutmix": "-composites"}
@@ -40,7 +40,7 @@ def latents_flow(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def encode_images(cfg: PipelineConfig, plan: Plan) -> list[dict[str, Any]]:
-    """One VAE per GPU: a single device encodes in this process, several in one worker process each, which
+    """One VAE per GPU: a single device encodes in this process, several in one device process each, which
     encode the images and the composites."""
     lc, n = cfg.latents, plan.num_shards
     sets = []

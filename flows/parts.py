@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from t2i.tasks.shards import run_logger
+from t2i.tasks.reporting import run_logger
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun

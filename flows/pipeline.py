@@ -24,7 +24,7 @@ from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import train_flow
 from t2i.tasks.model_cache import release_models
-from t2i.tasks.shards import run_logger
+from t2i.tasks.reporting import run_logger
 
 STAGE_FLOWS = {
     "download": download_flow,

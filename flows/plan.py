@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from t2i.data import versions
 from t2i.data.caption_sets import source_identity
 from t2i.data.listing import SourceSummary, is_listed, item_order, num_shards, open_listed, source_summary
 from t2i.data.sources import ShapesSource, Source
 from t2i.data.store import Artifact, fingerprint
 from t2i.flows.config import PipelineConfig
 from t2i.models.tiny import tiny_identities
-from t2i.tasks import versions
 
 STAGES = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
 UPSTREAM = {
@@ -132,6 +133,15 @@ class Plan:
             sets.append(("cutmix", self.composites))
         return sets
 
+    def train_table_of(self, latents: Artifact, captions: Artifact, text: Artifact | None) -> Artifact:
+        """Where the train table joining these inputs lives (`t2i.data.train_data`): its fingerprint is theirs
+        alone, so it is built once per input set, whatever trains on it."""
+        inputs = {"latents": latents.fingerprint, "captions": captions.fingerprint}
+        if text is not None:
+            inputs["text"] = text.fingerprint
+        fp = fingerprint("train-data", versions.TRAIN_TABLE, {}, inputs)
+        return Artifact(self.cfg.workspace_path, "train-data", fp)
+
     @functools.cached_property
     def checkpoints(self) -> Artifact:
         cfg = {"train": self.cfg.train.fingerprint_fields(), "text": self.cfg.text.fingerprint_fields()}
@@ -145,6 +155,32 @@ class Plan:
     def evaluation(self) -> Artifact:
         cfg = self.cfg.evaluate.fingerprint_fields()
         return self._artifact("evaluate", versions.EVALUATE, cfg, {"train": self.checkpoints.fingerprint})
+
+    def generation(self, settings: dict) -> Path:
+        """The folder `t2i generate` writes a request's images to when no --out is given: a digest of the
+        sampling settings and the training run."""
+        digest = fingerprint("generate", 1, settings, {"train": self.checkpoints.fingerprint})
+        return self.cfg.workspace_path / "generate" / digest
+
+    def captioned_images(self, captions: Artifact) -> Artifact:
+        """The images artifact a recaption artifact captioned (downloaded images or CutMix composites), by
+        the fingerprint its manifest names, in the captions' own workspace (a held-out split may come from
+        another configuration)."""
+        fingerprint_ = captions.read_manifest()["inputs"]["images"]
+        for stage in ("download", "cutmix"):
+            images = Artifact(captions.workspace, stage, fingerprint_)
+            if images.is_complete():
+                return images
+        raise MissingInput(
+            f"the images captioned in {captions.root} ({fingerprint_}) are in neither the download nor the "
+            f"cutmix folder of {captions.workspace}"
+        )
+
+    def ablation_dir(self, evaluations: dict[str, str]) -> Path:
+        """The folder of an ablation's report over these evaluations (`variant/seed` → fingerprint)."""
+        return (
+            self.cfg.workspace_path / "ablation" / fingerprint("ablation", versions.ABLATION, {}, evaluations)
+        )
 
     def artifacts(self) -> list[tuple[str, str, Artifact]]:
         """(label, stage command, artifact) for every output this config implies, in pipeline order."""

@@ -1,6 +1,6 @@
 """The recaption flow: `images` shards → `captions` shards aligned 1:1 (vLLM, transformers, template or
 imported captions), for the images and the composites in one pass: one engine in-process, or one engine per
-GPU group in worker processes that caption both sets. Shards are claimed in the workspace, so several machines
+GPU group in engine processes that caption both sets. Shards are claimed in the workspace, so several machines
 running it share the work; a run can also take one part k/n, or fan out as child runs over a pool's workers."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from t2i.flows.parts import part_shards, run_parts_if_asked
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import ShardSet, in_process, on_devices, run_stage
 from t2i.tasks.recaption import caption_summary, engine_groups, recaption_shard, summary_markdown
-from t2i.tasks.shards import publish_markdown, run_logger
+from t2i.tasks.reporting import publish_markdown, run_logger
 
 LABELS = {"download": "recaption", "cutmix": "recaption-composites"}
 

@@ -1,5 +1,10 @@
-"""The pipeline as a Prefect service for a team: `t2i deploy` registers every flow on a work pool, `t2i worker`
-starts the Prefect workers of one machine.
+"""The pipeline as a Prefect service: every flow as a deployment, served from one process (`t2i serve`) or
+registered on a work pool (`t2i deploy`) whose Prefect workers each machine starts (`t2i worker`).
+
+Each deployment carries the preset's full config as its default parameters, so the UI shows the pipeline's
+configuration as a form (from the pydantic models) and `prefect deployment run` can override any field.
+`t2i serve` is the laptop way: a running Prefect server (`make server`) and this one process. A team deploys
+to a work pool instead.
 
 Pool layout (made by `t2i deploy`, type `process` unless the pool exists):
 - queue `default`: whole runs (the pipeline, a stage, an ablation) as started from the UI or the CLI. Its
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from t2i.flows.config import PipelineConfig
 from t2i.flows.parts import PARTS_QUEUE
-from t2i.tasks.device_workers import gpu_groups
+from t2i.tasks.device_processes import gpu_groups
 
 DEFAULT_QUEUE = "default"
 HEARTBEAT_SECONDS = 30  # Prefect's minimum; its default (180 s) would take 9 minutes to notice a dead run
@@ -61,6 +66,14 @@ def flow_deployments(cfg: PipelineConfig, name: str, **options):
         )
         for f in (pipeline_flow, *STAGE_FLOWS.values(), ablation_flow, generate_flow)
     ]
+
+
+def serve_flows(cfg: PipelineConfig, name: str | None = None, limit: int | None = 1) -> None:
+    """`t2i serve`: publish every flow to a running Prefect server and run them from this process."""
+    from prefect import serve
+
+    require_server("t2i serve")
+    serve(*flow_deployments(cfg, name or cfg.preset), limit=limit)
 
 
 def deploy_flows(
@@ -165,8 +178,8 @@ def worker_commands(
     prefect = str(Path(sys.executable).with_name("prefect"))
 
     def argv(name: str, queue: str, k: int) -> list[str]:
-        return [prefect, "worker", "start", "--pool", pool, "--type", "process", "--work-queue", queue,
-                "--limit", str(k), "--name", name]  # fmt: skip
+        start = [prefect, "worker", "start", "--pool", pool, "--type", "process"]
+        return [*start, "--work-queue", queue, "--limit", str(k), "--name", name]
 
     commands = [(f"{host}-runs", argv(f"{host}-runs", DEFAULT_QUEUE, limit), {})]
     for group in groups:

@@ -3,7 +3,7 @@
 - Several nodes (the nodes of one `t2i run`, or `t2i recaption` started on several machines at once): every
   shard is claimed in the shared workspace before it is computed (`t2i.data.claims`), so each is computed once.
 - `--part k/n` and `cluster.parts` child runs: a part is responsible for its interleaved share (`part_shards`).
-- The GPUs of one machine: one worker process per GPU group (`on_devices`), each taking shards the same way.
+- The GPUs of one machine: one device process per GPU group (`on_devices`), each taking shards the same way.
 - One process: `in_process`, the one-lane case of the same loop (threads for the CPU stages).
 
 A run computes every shard of its share it can claim, waits for those that live processes elsewhere hold
@@ -24,8 +24,8 @@ from typing import Any
 
 from t2i.data.claims import ShardClaims, shard_claim
 from t2i.data.store import Artifact, ShardInfo
-from t2i.tasks.device_workers import run_stage_worker
-from t2i.tasks.shards import Progress, run_logger
+from t2i.tasks.device_processes import run_stage_process
+from t2i.tasks.reporting import Progress, run_logger
 
 MANIFEST_CLAIM = "manifest"
 WAIT_LOG_SECONDS = 60.0
@@ -62,7 +62,7 @@ Report = Callable[[str, int, int, int, float], None]  # label, index, rows, reje
 Compute = Callable[[list[ShardSet], dict[str, ShardClaims], Report], None]
 
 
-# --- which shard a worker takes ---------------------------------------------------------------------------
+# --- which shard a lane takes -----------------------------------------------------------------------------
 
 
 class ShardQueue:
@@ -138,14 +138,14 @@ def in_process(run: ShardFn, lanes: int = 1, lookahead: bool = False) -> Compute
 
 
 def on_devices(stage: str, cfg: Any, groups: list[list[str] | None]) -> Compute:
-    """One worker process per device group, each loading its model once and taking shards of every set
+    """One device process per device group, each loading its model once and taking shards of every set
     (images and composites in one launch) through the same claims."""
 
     def compute(sets: list[ShardSet], claims: dict[str, ShardClaims], report: Report) -> None:
         timeout = claims[sets[0].label].timeout
-        run_logger().info(f"[{stage}] {len(groups)} workers: {groups}")
+        run_logger().info(f"[{stage}] {len(groups)} device processes: {groups}")
         futures = [
-            run_stage_worker.with_options(task_run_name=f"{stage}-worker-{w}").submit(
+            run_stage_process.with_options(task_run_name=f"{stage}-process-{w}").submit(
                 stage, cfg, [_set_ref(s) for s in sets], gpus, w, timeout, report
             )
             for w, gpus in enumerate(groups)
@@ -158,8 +158,8 @@ def on_devices(stage: str, cfg: Any, groups: list[list[str] | None]) -> Compute:
 
 def _set_ref(s: ShardSet) -> dict[str, Any]:
     source = s.source.ref() if s.source is not None else None
-    return {"label": s.label, "artifact": s.artifact.ref(), "source": source, "num_shards": s.num_shards,
-            "shards": s.shards}  # fmt: skip
+    refs = {"artifact": s.artifact.ref(), "source": source}
+    return {"label": s.label, **refs, "num_shards": s.num_shards, "shards": s.shards}
 
 
 def set_from_ref(ref: dict[str, Any]) -> ShardSet:
@@ -200,7 +200,7 @@ def _progress(sets: list[ShardSet], missing: dict[str, list[int]]) -> Report:
     def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> None:
         with lock:
             bars[label].advance(
-                f"(part {index:05d}: {rows} rows, {rejects} rejects, {seconds:.1f}s, "
+                f"(shard {index:05d}: {rows} rows, {rejects} rejects, {seconds:.1f}s, "
                 f"{rows / max(seconds, 1e-9):.0f}/s)"
             )
 
@@ -230,7 +230,7 @@ def wait_for_others(sets: list[ShardSet], claims: dict[str, ShardClaims]) -> Non
                 claim = claims[s.label].live_holder(shard_claim(i))
                 if claim is None:
                     return None
-                held.append(f"{s.label} part {i:05d} ({claim.who()})")
+                held.append(f"{s.label} shard {i:05d} ({claim.who()})")
         return held or None
 
     poll_until(
@@ -270,8 +270,8 @@ def _summary(s: ShardSet) -> dict[str, Any]:
     art = s.artifact
     if not art.is_complete():
         return {"stage": s.label, "path": str(art.root), "skipped": False, "complete": False}
-    return {"stage": s.label, "path": str(art.root), "skipped": False, "complete": True,
-            **_counts(art.read_manifest())}  # fmt: skip
+    counts = _counts(art.read_manifest())
+    return {"stage": s.label, "path": str(art.root), "skipped": False, "complete": True, **counts}
 
 
 def write_once(
@@ -332,8 +332,8 @@ def _short(items: list[str] | None, most: int = 4) -> str:
 
 def skipped_summary(stage: str, artifact: Artifact) -> dict[str, Any]:
     run_logger().info(f"[{stage}] already complete: {artifact.root}")
-    return {"stage": stage, "path": str(artifact.root), "skipped": True, "complete": True,
-            **_counts(artifact.read_manifest())}  # fmt: skip
+    counts = _counts(artifact.read_manifest())
+    return {"stage": stage, "path": str(artifact.root), "skipped": True, "complete": True, **counts}
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:

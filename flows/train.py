@@ -10,16 +10,16 @@ from prefect import flow
 
 from t2i.data.claims import ShardClaims
 from t2i.data.store import FINAL
-from t2i.data.train_data import build_train_table, train_table_for
+from t2i.data.train_data import build_train_table
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import skipped_summary, write_once
-from t2i.models.tiny import resolve_model
+from t2i.models.loading import resolve_model
 from t2i.tasks.train import table_inputs, train_denoiser
 from t2i.tasks.train_job import TrainJob, launch_distributed
 
 
-def resolve_scale_factor(cfg: PipelineConfig, plan: Plan) -> dict[str, list[float]]:
+def resolve_latent_norm(cfg: PipelineConfig, plan: Plan) -> dict[str, list[float]]:
     """The latent normalisation, per channel: the model sees (z − shift) × scale. 'auto' takes each
     channel's mean and std as the latents stage measured them (a VAE trained with a tiny KL leaves channels
     of very different spread; one global scale would drown the narrow ones in noise early)."""
@@ -59,6 +59,8 @@ def train_job(cfg: PipelineConfig, plan: Plan | None = None, stop_after: int | N
         for _, images in plan.image_sets()
         if (text := plan.text_of(plan.captions_of(images))) is not None
     )
+    inputs = [(plan.latents_of(images), plan.captions_of(images)) for _, images in plan.image_sets()]
+    train_tables = tuple(plan.train_table_of(lat, cap, plan.text_of(cap)) for lat, cap in inputs)
     return TrainJob(
         train=cfg.train,
         text=cfg.text,
@@ -66,10 +68,11 @@ def train_job(cfg: PipelineConfig, plan: Plan | None = None, stop_after: int | N
         latents=plan.require("latents"),
         captions=plan.require("recaption"),
         num_shards=plan.num_shards,
-        latent_norm=resolve_scale_factor(cfg, plan),
+        latent_norm=resolve_latent_norm(cfg, plan),
         vae_path=resolve_model(cfg.latents.vae, cfg.workspace_path),
         composites=composites,
         text_embeddings=text_embeddings,
+        train_tables=train_tables,
         stop_after=stop_after,
     )
 
@@ -77,8 +80,7 @@ def train_job(cfg: PipelineConfig, plan: Plan | None = None, stop_after: int | N
 def build_tables_once(job: TrainJob, claim_timeout: float) -> None:
     """The train tables, built by the first node that gets here while the others wait for them (a node
     that built its own copy would spend the time and the disk again, then start late)."""
-    for latents, captions, text in table_inputs(job):
-        table = train_table_for(latents, captions, text)
+    for table, (latents, captions, text) in zip(job.train_tables, table_inputs(job), strict=True):
         build = functools.partial(build_train_table, table, latents, captions, job.num_shards, text)
         claims = ShardClaims(table.root.parent, timeout=claim_timeout)
         write_once(table, claims, build, "train table", name=table.fingerprint)
@@ -86,24 +88,32 @@ def build_tables_once(job: TrainJob, claim_timeout: float) -> None:
 
 @flow(name="train", description="Train the text-to-image denoiser (resumable).", log_prints=True)
 def train_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    return run_train(cfg)
+
+
+def run_train(cfg: PipelineConfig, stop_after: int | None = None) -> dict[str, Any]:
+    """The train flow's work, what `t2i train` runs: nothing if the checkpoints are complete, else the job
+    (in this process, or as DDP processes) and then the manifest, once the run has reached `train.steps`.
+    `stop_after` ends the run after that step, as an interruption would (the tests' resumed runs)."""
     plan = Plan(cfg)
     artifact = plan.checkpoints
     if artifact.is_complete():
         return skipped_summary("train", artifact)
     started = time.time()
-    job = train_job(cfg, plan)
+    job = train_job(cfg, plan, stop_after)
     processes = training_processes(cfg)
     if processes > 1 or cfg.train.nodes > 1:
         build_tables_once(job, cfg.cluster.claim_timeout)
         result = launch_distributed(job, processes)
     else:
         result = train_denoiser(job)
-    if cfg.train.node_rank != 0:  # node 0 writes the manifest once the whole job is done
-        return {"stage": "train", "path": str(artifact.root), "skipped": False, **result}
+    summary = {"stage": "train", "path": str(artifact.root), "skipped": False, **result}
+    if cfg.train.node_rank != 0 or result["step"] < cfg.train.steps:  # node 0 writes it once the job is done
+        return summary
     artifact.write_manifest(
         config=artifact.extra["config"],
         inputs=artifact.extra["inputs"],
         started=started,
         extra={**result, "latent_norm": job.latent_norm, "final": str(artifact.root / FINAL)},
     )
-    return {"stage": "train", "path": str(artifact.root), "skipped": False, **result}
+    return summary

@@ -173,7 +173,8 @@ class CADBlock(nn.Module):
 
 
 class CAD(nn.Module):
-    """ε-prediction RIN over latents with text cross-attention and latent self-conditioning (CAD-I)."""
+    """RIN over latents with text cross-attention and latent self-conditioning (CAD-I); like DiT-I it predicts
+    ε or velocity, whichever its objective trains."""
 
     def __init__(self, config: CADConfig) -> None:
         super().__init__()
@@ -199,7 +200,7 @@ class CAD(nn.Module):
         init_backbone(self)
         nn.init.normal_(self.latents, std=0.02)
         nn.init.normal_(self.text_tower.registers, std=0.02)
-        # Zero-init: self-conditioning starts as a no-op, and the untrained model predicts ε = 0.
+        # Zero-init: self-conditioning starts as a no-op, and the untrained model predicts 0.
         nn.init.zeros_(self.self_cond[-1].weight)
         nn.init.zeros_(self.self_cond[-1].bias)
         nn.init.zeros_(self.final_linear.weight)
@@ -221,7 +222,7 @@ class CAD(nn.Module):
 
         `latents_prev` (B, num_latents, width): last step's latent tokens for self-conditioning (None: zeros,
         as RIN starts; every parameter takes part either way, which DDP without unused-parameter search needs).
-        Returns the ε prediction (B, C, H, W), or (ε, latent tokens) with `return_latents`; the latents
+        Returns the prediction (B, C, H, W), or (prediction, latent tokens) with `return_latents`; the latents
         are not detached, detach them before feeding them back.
         """
         batch, _, height, width = x.shape
@@ -241,8 +242,8 @@ class CAD(nn.Module):
         tokens, mask = self.text_tower(text, text_mask)
         for block in self.blocks:
             data, latents = block(data, latents, tokens, mask)
-        eps = self.unpatchify(self.final_linear(self.final_norm(data)), grid_h, grid_w)
-        return (eps, latents) if return_latents else eps
+        prediction = self.unpatchify(self.final_linear(self.final_norm(data)), grid_h, grid_w)
+        return (prediction, latents) if return_latents else prediction
 
 
 def self_conditioned_forward(
@@ -256,7 +257,7 @@ def self_conditioned_forward(
     take: bool | None = None,
 ) -> Tensor:
     """Training-time latent self-conditioning (RIN): with probability `rate` for the whole batch, first run
-    without gradients to get latents, then run again feeding them back (detached); returns ε.
+    without gradients to get latents, then run again feeding them back (detached); returns the prediction.
 
     Under DDP pass a generator seeded alike on every rank: the ranks then take the extra pass together
     instead of all waiting for whichever rank drew it. The training step passes `take`, the coin drawn with
@@ -282,8 +283,10 @@ class SelfConditionedSampling:
         self.model, self.latents = model, None
 
     def __call__(self, x: Tensor, t: Tensor, text: Tensor, mask: Tensor) -> Tensor:
-        eps, self.latents = self.model(x, t, text, mask, latents_prev=self.latents, return_latents=True)
-        return eps
+        prediction, self.latents = self.model(
+            x, t, text, mask, latents_prev=self.latents, return_latents=True
+        )
+        return prediction
 
 
 def build_cad(size: str, **overrides) -> CAD:

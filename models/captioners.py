@@ -43,6 +43,9 @@ def postprocess_caption(text: str) -> str:
     return text
 
 
+CLASS_TEMPLATE = "An image of {class_name}"  # the paper's class-name caption; `{class_name}` is filled in
+
+
 class TemplateCaptioner:
     """The paper's baseline: "An image of <class>" (the same text for every prompt column)."""
 

@@ -11,21 +11,13 @@ not one per batch. What runs inside the training step reads shapes only, never v
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from t2i.models.objectives import pad_text, per_sample
 
 
 def _uniform(batch: int, generator: torch.Generator) -> Tensor:
     return torch.rand(batch, generator=generator, device=generator.device)
-
-
-def pad_text(text: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Pad (or cut) tokens and mask to `length`; new positions are zero and masked out."""
-    current = text.shape[1]
-    if length <= current:
-        return text[:, :length], mask[:, :length].bool()
-    extra = length - current
-    return F.pad(text, (0, 0, 0, extra)), F.pad(mask.bool(), (0, extra), value=False)
 
 
 def text_buckets(max_length: int, count: int) -> list[int]:
@@ -47,10 +39,6 @@ def trim_padding(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return pad_text(text, mask, int(columns.max()) + 1 if len(columns) else 1)
 
 
-def _per_sample(gate: Tensor, like: Tensor) -> Tensor:
-    return gate.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def cfg_dropout_mask(batch: int, p: float, generator: torch.Generator) -> Tensor:
     """(B,) bool, True = train this sample on the empty prompt (p = 0.1 in the recipe) so CFG has a u-model."""
     return _uniform(batch, generator) < p
@@ -68,8 +56,8 @@ def apply_text_dropout(
     length = max(text.shape[1], null_text.shape[1])
     text, mask = pad_text(text, mask, length)
     null_text, null_mask = pad_text(null_text.to(text.dtype), null_mask, length)
-    text = torch.where(_per_sample(drop, text), null_text.expand_as(text), text)
-    mask = torch.where(_per_sample(drop, mask), null_mask.expand_as(mask), mask)
+    text = torch.where(per_sample(drop, text), null_text.expand_as(text), text)
+    mask = torch.where(per_sample(drop, mask), null_mask.expand_as(mask), mask)
     return text, mask
 
 
@@ -81,28 +69,6 @@ def cutmix_gate(t: Tensor, generator: torch.Generator, threshold: float = 0.4, p
     """
     coin = _uniform(t.shape[0], generator) < p
     return (t > threshold) & coin
-
-
-def swap_in(
-    plain_latent: Tensor,
-    plain_text: Tensor,
-    plain_mask: Tensor,
-    comp_latent: Tensor,
-    comp_text: Tensor,
-    comp_mask: Tensor,
-    gate: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per sample, take latent, text tokens and mask all from the composite where `gate`, else all plain.
-
-    Texts are padded to the longer of the two lengths, so every row keeps its own tokens and mask.
-    """
-    length = max(plain_text.shape[1], comp_text.shape[1])
-    plain_text, plain_mask = pad_text(plain_text, plain_mask, length)
-    comp_text, comp_mask = pad_text(comp_text.to(plain_text.dtype), comp_mask, length)
-    latent = torch.where(_per_sample(gate, plain_latent), comp_latent.to(plain_latent.dtype), plain_latent)
-    text = torch.where(_per_sample(gate, plain_text), comp_text, plain_text)
-    mask = torch.where(_per_sample(gate, plain_mask), comp_mask, plain_mask)
-    return latent, text, mask
 
 
 def random_latent_crop(latent: Tensor, size: int | tuple[int, int], generator: torch.Generator) -> Tensor:

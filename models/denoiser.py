@@ -13,8 +13,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
-from t2i.models.cad import CAD, CADConfig, SelfConditionedSampling
-from t2i.models.dit import DiT, DiTConfig
+# diffusers copies into its module cache only the files an exported file imports itself, so this one
+# imports every module `architectures` needs.
+from t2i.models.architectures import denoiser_from_config, sampling_fn
+from t2i.models.cad import CAD
+from t2i.models.dit import DiT
+from t2i.models.objectives import ModelFn
 
 
 class T2IDenoiser(ModelMixin, ConfigMixin):
@@ -26,16 +30,11 @@ class T2IDenoiser(ModelMixin, ConfigMixin):
         self, architecture: str = "dit", model_config: dict | None = None, sample_shape=None
     ) -> None:
         super().__init__()
-        if architecture not in ("dit", "cad"):
-            raise ValueError(f"architecture: {architecture!r}; allowed: dit, cad")
-        if architecture == "cad":
-            self.model = CAD(CADConfig(**(model_config or {})))
-        else:
-            self.model = DiT(DiTConfig(**(model_config or {})))
+        self.model: DiT | CAD = denoiser_from_config(architecture, model_config or {})
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         return self.model(x, t, text, text_mask)
 
-    def sampling_fn(self):
+    def sampling_fn(self) -> ModelFn:
         """What one sampling run calls at each step (CAD-I carries its latents from step to step)."""
-        return SelfConditionedSampling(self.model) if self.config.architecture == "cad" else self.model
+        return sampling_fn(self.model)

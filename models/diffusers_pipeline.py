@@ -2,8 +2,9 @@
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads, without this project installed.
 
 It samples as `t2i generate` does: T5 embeddings rounded to the dtype training stored them in, the empty
-prompt as the unconditional branch of classifier-free guidance, noise drawn from the caller's generator,
-the scheduler's steps, the per-channel latent normalisation undone before the VAE decodes.
+prompt as the unconditional branch of classifier-free guidance, the sampling loop of the scheduler's
+objective (`Objective.sample`, noise drawn from the caller's generator), the latent normalisation undone
+before the VAE decodes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
-from t2i.models.diffusion import guided_eps, sampling_noise
+from t2i.models.latent_norm import to_vae_latents
 
 
 class T2IPipeline(DiffusionPipeline):
@@ -63,13 +64,6 @@ class T2IPipeline(DiffusionPipeline):
         text = hidden.last_hidden_state.float() * mask[..., None]
         return text.to(getattr(torch, self.config.text_dtype)).float(), mask
 
-    def _to_vae_latents(self, z: torch.Tensor) -> torch.Tensor:
-        norm = self.config.latent_norm or {}
-        channels = z.shape[1]
-        shift = torch.tensor(norm.get("shift", [0.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
-        scale = torch.tensor(norm.get("scale", [1.0] * channels), dtype=torch.float32).reshape(1, -1, 1, 1)
-        return z / scale.to(z.device) + shift.to(z.device)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -86,24 +80,19 @@ class T2IPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = num_inference_steps or self.config.default_steps
         guidance = self.config.default_guidance if guidance_scale is None else guidance_scale
-        device = self._execution_device
         text, mask = self.encode_prompt([p for p in prompts for _ in range(num_images_per_prompt)])
         null_text, null_mask = self.encode_prompt([""])
         shape = (text.shape[0], *self.transformer.config.sample_shape)
-        model_fn = self.transformer.sampling_fn()
-        self.scheduler.set_timesteps(steps, device=device)
-        x = sampling_noise(shape, generator, device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            t_batch = torch.full((shape[0],), float(t), device=device)
-            out = guided_eps(model_fn, x, t_batch, text, mask, null_text, null_mask, guidance).float()
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        model_fn, objective = self.transformer.sampling_fn(), self.scheduler.objective
+        x = objective.sample(
+            model_fn, shape, text, mask, null_text, null_mask, steps, guidance, generator, self.progress_bar
+        )
         if output_type == "latent":
             images = x
         else:
             param = next(self.vae.parameters())
-            pixels = self.vae.decode(
-                self._to_vae_latents(x).to(device=param.device, dtype=param.dtype)
-            ).sample
+            latents = to_vae_latents(x, self.config.latent_norm or 1.0)
+            pixels = self.vae.decode(latents.to(device=param.device, dtype=param.dtype)).sample
             pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             images = pixels.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":

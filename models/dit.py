@@ -25,9 +25,8 @@ class DiTConfig:
     heads: int = 16
     mlp_ratio: float = 4.0
     text_dim: int = 2048  # google/flan-t5-xl hidden size
-    learn_sigma: bool = (
-        False  # doubles the output channels (ε, variance); the ε-objective uses the first half
-    )
+    # doubles the output channels (prediction, variance); the objectives read the first half
+    learn_sigma: bool = False
     learned_pos_embed: bool = False  # False: fixed 2D sin-cos; True: learned table initialised to sin-cos
 
     def __post_init__(self) -> None:
@@ -258,7 +257,8 @@ def unpatchify(x: Tensor, grid_h: int, grid_w: int, patch: int, channels: int) -
 
 
 class DiT(nn.Module):
-    """ε-prediction DiT over latents with text cross-attention (DiT-I)."""
+    """DiT over latents with text cross-attention (DiT-I). It predicts what its objective trains it to:
+    ε (`Epsilon`) or the velocity ε − x0 (`RectifiedFlow`)."""
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -282,7 +282,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.text_embedder.pool_mlp[0].weight, std=0.02)
         nn.init.normal_(self.text_embedder.pool_mlp[2].weight, std=0.02)
         # adaLN-Zero: every gate, shift and scale starts at zero, so each block starts as the identity,
-        # and the output layer starts at zero, so the untrained model predicts ε = 0 (initial loss = 1).
+        # and the output layer starts at zero, so the untrained model predicts 0 (initial ε loss = 1).
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -297,7 +297,7 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """x (B, C, H, W) latents, t (B,) in [0, 1], text (B, L, D), text_mask (B, L) True = real token.
 
-        Returns the ε prediction (B, C, H, W), or (B, 2C, H, W) with learn_sigma.
+        Returns the prediction (ε or velocity) (B, C, H, W), or (B, 2C, H, W) with learn_sigma.
         """
         batch, _, height, width = x.shape
         p = self.config.patch_size

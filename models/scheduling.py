@@ -1,9 +1,9 @@
-"""The samplers as a diffusers scheduler, for the exported pipeline (`t2i export-model`).
+"""The objectives' samplers as a diffusers scheduler, for the exported pipeline (`t2i export-model`).
 
-Our time runs from 1 (noise) to 0 (data), with γ(t) = 1 − t for the ε objective and straight paths for
-rectified flow, and the model takes t itself, not an index into a table of 1000 betas. No diffusers
-scheduler walks that grid, so this one does, with the very step functions `t2i evaluate` samples with
-(`ddim_step`, `euler_step`), on the same float64 grid.
+Our time runs from 1 (noise) to 0 (data), and the model takes t itself, not an index into a table of 1000
+betas. No diffusers scheduler walks that grid, so this one does: `objective` is the `t2i.models.objectives`
+class its sampler belongs to, whose `times` and `step` it calls — the very grid and steps `t2i evaluate`
+samples with.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from t2i.models.diffusion import ddim_step, ddim_times
-from t2i.models.flow_matching import euler_step, euler_times
-
-STEPPERS = {"ddim": 0.0, "ddpm": 1.0, "euler": None}  # DDIM's eta; None: the Euler step
+from t2i.models.objectives import OBJECTIVES, Epsilon, Objective, RectifiedFlow
 
 
 @dataclass
@@ -27,24 +24,29 @@ class T2ISchedulerOutput(BaseOutput):
 
 
 class T2IScheduler(SchedulerMixin, ConfigMixin):
-    """`sampler`: `ddim` or `ddpm` (ε objective), `euler` (rectified flow). `timesteps` are the times the
-    model is called at; `step` moves the sample to the next one."""
+    """`sampler`: `ddim` or `ddpm` (ε objective, from `t_max`), `euler` (rectified flow, grid warped by
+    `shift`). `timesteps` are the times the model is called at; `step` moves the sample to the next one."""
 
     config_name = "scheduler_config.json"
     order = 1
 
     @register_to_config
     def __init__(self, sampler: str = "ddim", t_max: float = 1.0 - 1e-3, shift: float = 1.0) -> None:
-        if sampler not in STEPPERS:
-            raise ValueError(f"sampler: {sampler!r}; allowed: {', '.join(STEPPERS)}")
+        allowed = [name for cls in OBJECTIVES.values() for name in cls.samplers]
+        if sampler not in allowed:
+            raise ValueError(f"sampler: {sampler!r}; allowed: {', '.join(allowed)}")
         self.times = self.timesteps = None
         self._index = 0
 
+    @property
+    def objective(self) -> Objective:
+        """The objective whose sampler this is, with the grid's settings."""
+        if self.config.sampler in RectifiedFlow.samplers:
+            return RectifiedFlow(sampler=self.config.sampler, shift=self.config.shift)
+        return Epsilon(sampler=self.config.sampler, t_start=self.config.t_max)
+
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        if self.config.sampler == "euler":
-            self.times = euler_times(num_inference_steps, self.config.shift, device)
-        else:
-            self.times = ddim_times(num_inference_steps, self.config.t_max, device)
+        self.times = self.objective.times(num_inference_steps, device)
         self.timesteps = self.times[:-1]
         self._index = 0
 
@@ -60,10 +62,6 @@ class T2IScheduler(SchedulerMixin, ConfigMixin):
         t_now, t_next = self.times[self._index], self.times[self._index + 1]
         if float(timestep) != float(t_now):
             raise ValueError(f"step at t={float(timestep)} but the next time on the grid is {float(t_now)}")
-        eta = STEPPERS[self.config.sampler]
-        if eta is None:
-            prev = euler_step(sample, model_output, t_now, t_next)
-        else:
-            prev = ddim_step(sample, model_output, t_now, t_next, eta=eta, generator=generator)
+        prev = self.objective.step(sample, model_output, t_now, t_next, generator)
         self._index += 1
         return T2ISchedulerOutput(prev_sample=prev) if return_dict else (prev,)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from t2i.data import shapes
-from t2i.models.tiny import LLAVA_CHAT_TEMPLATE, WEIGHTS_DIR
+from t2i.models.tiny import LLAVA_CHAT_TEMPLATE, WEIGHTS_DIR, llava_tokenizer, sd_layout_vae
 
 CAPTIONER_PROMPT = "describe the image"
 _SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -81,6 +81,10 @@ class VAERecipe:
 
 
 def _lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
+    """The recipes' schedule: a linear warmup multiplied into a cosine over all `steps` that ends at `floor`.
+
+    Not the denoiser's `t2i.models.lr_schedule.lr_factor` (warmup, then a cosine over the steps after it):
+    the committed models were trained with this one, and `t2i train-shapes-models` must repeat them."""
     w = min(1.0, (step + 1) / warmup)
     return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
@@ -95,7 +99,6 @@ def _images(indices: range | list[int], seed: int, split: str) -> tuple[list, li
 
 def build_word_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
     for w in [*_SPECIALS, *_PROMPT_WORDS, *shapes.CAPTION_WORDS]:
@@ -103,17 +106,7 @@ def build_word_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "USER:" -> USER, ":" and "left," -> left, ","
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins with spaces, " ," -> ","
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=256,
-    )
-    fast.chat_template = LLAVA_CHAT_TEMPLATE
-    return fast
+    return llava_tokenizer(tok, 256)
 
 
 def _build_captioner(recipe: CaptionerRecipe):
@@ -280,21 +273,9 @@ def captioner_accuracy(path: str | Path, n: int = 500, batch_size: int = 100) ->
 
 
 def _build_vae(recipe: VAERecipe):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(recipe.seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(recipe.channels),
-        up_block_types=("UpDecoderBlock2D",) * len(recipe.channels),
-        block_out_channels=recipe.channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        mid_block_add_attention=False,  # convolutional, so it can train on crops (as SD's VAE did)
-        sample_size=shapes.IMAGE_SIZE,
-    )
+    # without the mid-block attention it is convolutional, so it can train on crops (as SD's VAE did)
+    return sd_layout_vae(recipe.channels, mid_block_add_attention=False, sample_size=shapes.IMAGE_SIZE)
 
 
 def _to_unit_range(images) -> torch.Tensor:
@@ -323,10 +304,8 @@ def train_vae(out: Path, recipe: VAERecipe = VAERecipe(), log: Log = print) -> d
     history: list[dict] = []
     start = time.perf_counter()
     _vae_phase(vae, recipe, "crops", recipe.steps, recipe.batch_size, recipe.lr, recipe.crop, 0, log, history)
-    _vae_phase(
-        vae, recipe, "whole", recipe.full_steps, recipe.full_batch_size, recipe.full_lr, shapes.IMAGE_SIZE,
-        recipe.steps * recipe.batch_size, log, history,
-    )  # fmt: skip
+    whole = (recipe.full_steps, recipe.full_batch_size, recipe.full_lr, shapes.IMAGE_SIZE)
+    _vae_phase(vae, recipe, "whole", *whole, recipe.steps * recipe.batch_size, log, history)
     vae.eval()
     out.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out)

@@ -1,10 +1,9 @@
-"""Tiny models for the embedded default, which needs no Hub.
+"""Tiny models for the embedded default, which needs no Hub: their builders, names and identities.
 
-`resolve_model("tiny:llava", workspace)` builds a randomly initialised model once (seeded, so every machine
-gets the same weights), saves it in Hugging Face format under `<workspace>/models/`, and returns the path;
-`tiny:shapes-captioner` and `tiny:shapes-vae` are the committed models trained on the shapes world
-(`t2i.models.shapes_models`). Any other reference (a Hub id or a local path) is returned unchanged, so the
-loading code is the real one either way.
+`tiny:llava`, `tiny:vae` and `tiny:t5` are randomly initialised models built once (seeded, so every machine
+gets the same weights) in Hugging Face format by `t2i.models.loading.resolve_model`; `tiny:shapes-captioner`
+and `tiny:shapes-vae` are the committed models trained on the shapes world (`t2i.models.shapes_models`). The
+LLaVA tokenizer and the SD-layout VAE specs here are shared with those trained models.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+from t2i.data.versions import TINY_MODELS
+
 TINY_PREFIX = "tiny:"
-TINY_VERSION = 3  # bump when a builder changes, so cached builds are not reused
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the committed trained models
 TINY_T5_D_MODEL = 64  # the tiny T5's width, known without building it (`t2i config` estimates disk with it)
 
@@ -54,10 +54,10 @@ def tiny_identity(ref: str) -> str:
     config, tokenizer; not its training record)."""
     name = ref[len(TINY_PREFIX) :]
     if name not in TRAINED:
-        return f"built-v{TINY_VERSION}"
+        return f"built-v{TINY_MODELS}"
     folder = WEIGHTS_DIR / TRAINED[name]
     if not folder.is_dir():
-        return "weights-missing"  # resolve_model names the command that makes them
+        return "weights-missing"  # loading.resolve_model names the command that makes them
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "training.json")
     return f"weights-{_digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))}"
 
@@ -81,36 +81,6 @@ def tiny_identities(config: object) -> dict[str, str]:
     return {k: v for item in values for k, v in tiny_identities(item).items()}
 
 
-def resolve_model(ref: str, workspace: str | Path) -> str:
-    """Return a loadable path or Hub id for `ref`, building a `tiny:*` model on first use."""
-    if not is_tiny(ref):
-        return ref
-    name = ref[len(TINY_PREFIX) :]
-    if name in TRAINED:
-        path = WEIGHTS_DIR / TRAINED[name]
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{ref}: no trained weights at {path}; make them with "
-                f"`t2i train-shapes-models {name.removeprefix('shapes-')} --out {WEIGHTS_DIR}`"
-            )
-        return str(path)
-    if name not in BUILDERS:
-        available = ", ".join("tiny:" + n for n in [*BUILDERS, *TRAINED])
-        raise ValueError(f"unknown tiny model {ref!r}; available: {available}")
-    out = Path(workspace) / "models" / f"tiny-{name}-v{TINY_VERSION}"
-    if (out / "config.json").is_file():
-        return str(out)
-    from t2i.data.store import atomic_path
-
-    try:
-        with atomic_path(out) as tmp:
-            BUILDERS[name](tmp)
-    except OSError:
-        if not (out / "config.json").is_file():  # lost a race with another builder: theirs is as good
-            raise
-    return str(out)
-
-
 def _bpe_tokenizer(specials: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -125,6 +95,42 @@ def _bpe_tokenizer(specials: list[str], vocab_size: int):
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     return tok
+
+
+def llava_tokenizer(tokenizer_object, model_max_length: int):
+    """A LLaVA tokenizer (`<s>`, `</s>`, `<unk>`, `<pad>`, `<image>`, the chat template) around a trained
+    `tokenizers.Tokenizer`."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_object,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=model_max_length,
+    )
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    return tokenizer
+
+
+def sd_layout_vae(channels: tuple[int, ...], **options):
+    """An `AutoencoderKL` with Stable Diffusion's layout (4 latent channels, one block per width) and the
+    given widths; `options` go to the constructor (e.g. `sample_size`)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        **options,
+    )
 
 
 def build_tiny_llava(
@@ -150,7 +156,6 @@ def build_tiny_llava(
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
     try:  # transformers 5 splits image processors into torchvision / PIL backends
@@ -159,16 +164,7 @@ def build_tiny_llava(
         from transformers import CLIPImageProcessor as ImageProcessor
 
     torch.manual_seed(seed)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_bpe_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], 400),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=512,
-    )
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    tokenizer = llava_tokenizer(_bpe_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], 400), 512)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vocab_padded = (len(tokenizer) + 63) // 64 * 64
     vision = CLIPVisionConfig(
@@ -243,21 +239,9 @@ def rename_vision_tower_keys(path: Path) -> None:
 def build_tiny_vae(out: Path, seed: int = 0) -> None:
     """An AutoencoderKL with the SD layout (4 latent channels) and 4× downsampling, small enough for a CPU."""
     import torch
-    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    vae.save_pretrained(out)
+    sd_layout_vae((16, 32, 32), sample_size=64).save_pretrained(out)
 
 
 def build_tiny_t5(out: Path, seed: int = 0, context: float = 0.6) -> None:

@@ -1,5 +1,5 @@
 """Checkpoint I/O of the train stage: the full training state every `checkpoint_every` steps, the EMA weights
-of the finished run under `final/`.
+of the finished run under `final/` (read back by `t2i.models.loading`).
 
 A checkpoint holds everything a resumed run needs to continue exactly (model, EMA, optimizer, scheduler,
 gradient scaler, step, torch RNG states) as plain tensors and numbers, so it loads with
@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from t2i.data.store import CHECKPOINTS, FINAL, atomic_path, checkpoint_dirs
-from t2i.models.dit import DiT, DiTConfig, build_dit
 
 
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -30,7 +29,7 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int) -> 
     return final
 
 
-def save_final(root: Path, model: DiT, meta: dict[str, Any]) -> Path:
+def save_final(root: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
     final = root / FINAL
@@ -41,31 +40,6 @@ def save_final(root: Path, model: DiT, meta: dict[str, Any]) -> Path:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return final
-
-
-def build_denoiser(architecture: str, size: str, **overrides) -> torch.nn.Module:
-    """DiT-I or CAD-I of a named size; `patch_size=None` keeps the size's own."""
-    if overrides.get("patch_size", 0) is None:
-        del overrides["patch_size"]
-    if architecture == "cad":
-        from t2i.models.cad import build_cad
-
-        return build_cad(size, **overrides)
-    return build_dit(size, **overrides)
-
-
-def load_final(root: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    meta = json.loads((root / FINAL / "config.json").read_text())
-    if meta.get("architecture") == "cad":
-        from t2i.models.cad import CAD, CADConfig
-
-        model = CAD(CADConfig(**meta["model_config"]))
-    else:
-        model = DiT(DiTConfig(**meta["model_config"]))
-    model.load_state_dict(load_file(root / FINAL / "model.safetensors"))
-    return model.to(device).eval(), meta
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -1,38 +1,30 @@
-"""Evaluate stage unit of work: sample prompts with classifier-free guidance, save images, score, report.
+"""Evaluation: the prompt sets, sampling them per batch, the metrics of the images and the report.
 
-Sampling is resumable per prompt batch: batch b's images are seeded by (seed, b) and written atomically,
-so a rerun redoes only the batches whose images are missing.
+Sampling itself is `t2i.tasks.sampling`'s. It is resumable per prompt batch: batch b's images are seeded by
+(seed, b) and written atomically, so a rerun redoes only the batches whose images are missing.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 from prefect import task
 
-from t2i.data.store import CHECKPOINTS, FINAL, Artifact, atomic_path, checkpoint_dirs
-from t2i.models.ema import EMA
-from t2i.models.sampling import sample_latents
-from t2i.models.tiny import resolve_model
-from t2i.models.vae import decode_latents
-from t2i.tasks.checkpoints import load_final
-from t2i.tasks.model_cache import cached_model, pick_device
-from t2i.tasks.shards import Progress, publish_markdown, run_logger
-from t2i.tasks.text import OnlineText
-from t2i.tasks.train import to_vae_latents
+from t2i.data.store import Artifact, atomic_path
+from t2i.models.captioners import CLASS_TEMPLATE
+from t2i.models.loading import checkpoint_names, load_checkpoint, resolve_model
+from t2i.tasks.model_cache import pick_device
+from t2i.tasks.reporting import Progress, publish_markdown, run_logger
+from t2i.tasks.sampling import decoding_vae, image_grid, prompt_encoder, sample_images, save_png
 from t2i.tasks.train_batches import step_generator
 
 if TYPE_CHECKING:
     from t2i.flows.config import EvaluateConfig, LatentsConfig
-
-CLASS_PROMPT = "An image of {class_name}"  # the recaption stage's default template
 
 
 @dataclass(frozen=True)
@@ -44,7 +36,11 @@ class PromptItem:
     reference: bytes | None = None  # held-out captions: the encoded real image the caption describes
 
 
-def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]:
+def load_prompts(
+    spec: str, num_prompts: int, seed: int = 0, heldout: tuple[Artifact, Artifact] | None = None
+) -> list[PromptItem]:
+    """The first `num_prompts` prompts of a prompt set (`evaluate.prompts`); `heldout:` sets read the
+    captions and images artifacts in `heldout`."""
     kind, _, rest = spec.partition(":")
     if kind in ("shapes", "shapes-class"):
         from t2i.data import shapes
@@ -52,12 +48,14 @@ def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]
         scenes = [shapes.scene(i, seed=seed, split=rest) for i in range(num_prompts)]
         if kind == "shapes-class":  # the template captioner's text for the scene's class
             return [
-                PromptItem(i, CLASS_PROMPT.format(class_name=s.class_name), s, meta="class")
+                PromptItem(i, CLASS_TEMPLATE.format(class_name=s.class_name), s, meta="class")
                 for i, s in enumerate(scenes)
             ]
         return [PromptItem(i, s.caption, s) for i, s in enumerate(scenes)]
     if kind == "heldout":
-        return heldout_prompts(Path(rest).expanduser(), num_prompts)
+        if heldout is None:
+            raise ValueError(f"{spec!r}: held-out prompts need the captions and images artifacts")
+        return heldout_prompts(*heldout, num_prompts)
     if kind == "file":
         path = Path(rest).expanduser()
         if not path.is_file():
@@ -84,21 +82,11 @@ def load_prompts(spec: str, num_prompts: int, seed: int = 0) -> list[PromptItem]
     raise ValueError(f"unknown prompt set {spec!r}")
 
 
-def heldout_prompts(folder: Path, num_prompts: int) -> list[PromptItem]:
-    """Captions of held-out images (a `recaption` artifact folder, e.g. of a validation split made with
-    `t2i recaption --set download.split=validation`), each with its real image as the FID reference."""
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"evaluate.prompts: {folder} is not a complete recaption artifact (no manifest.json); "
-            "pass the folder `t2i status` prints for recaption"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    workspace = folder.parents[1]
-    captions = Artifact(workspace, "recaption", folder.name)
-    source = manifest["inputs"]["images"]  # the images it captioned: downloaded ones, or composites
-    stage = "download" if (workspace / "download" / source).is_dir() else "cutmix"
-    images = Artifact(workspace, stage, source)
+def heldout_prompts(captions: Artifact, images: Artifact, num_prompts: int) -> list[PromptItem]:
+    """Captions of held-out images (a `recaption` artifact, e.g. of a validation split made with
+    `t2i recaption --set download.split=validation`), each with its real image (from `images`, the artifact
+    it captioned) as the FID reference."""
+    manifest = captions.read_manifest()
     items: list[PromptItem] = []
     for i in range(len(manifest["shards"])):
         table = captions.read_shard(i, columns=["key", "caption"])
@@ -146,67 +134,9 @@ def write_benchmark_layout(
             grid = Image.new("RGB", (2 * w, 2 * h))
             for k, tile in enumerate(tiles):
                 grid.paste(tile, ((k % 2) * w, (k // 2) * h))
-            _save_png(grid, out / f"{p.meta}.png")
+            save_png(grid, out / f"{p.meta}.png")
         return out
     return None
-
-
-def image_grid(images: list[Image.Image], columns: int = 8, cell: int = 128) -> Image.Image:
-    rows = max(1, math.ceil(len(images) / columns))
-    grid = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im.resize((cell, cell), Image.NEAREST), ((i % columns) * cell, (i // columns) * cell))
-    return grid
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def checkpoint_names(spec: list[str], root: Path) -> list[str]:
-    """`final`, `step-NNNNNNNN` names, or `all` (final, then every kept checkpoint, oldest first).
-
-    The first name is the headline of the report, so `all` puts final there.
-    """
-    kept = [p.name for p in checkpoint_dirs(root)]
-    names: list[str] = []
-    for item in spec:
-        for name in [FINAL, *kept] if item == "all" else [item]:
-            if name != FINAL and name not in kept:
-                raise FileNotFoundError(
-                    f"evaluate.checkpoints: {name!r} is not among the kept checkpoints of {root} "
-                    f"({', '.join(kept) or 'none'}); use 'final', 'all' or one of those"
-                )
-            if name not in names:
-                names.append(name)
-    return names
-
-
-def load_checkpoint(root: Path, name: str, device: str, use_ema: bool = True):
-    """A kept checkpoint's EMA (or raw) weights in the final model's architecture. `final` holds only the EMA
-    weights, so its raw weights come from the checkpoint of the last step (always kept)."""
-    model, meta = load_final(root, device=device)
-    if name == FINAL and not use_ema:
-        name = f"step-{meta['steps']:08d}"
-        if not (root / CHECKPOINTS / name / "state.pt").is_file():
-            raise FileNotFoundError(
-                f"evaluate.use_ema: false needs the raw weights of the final step, but {name} is not among "
-                f"the kept checkpoints of {root}"
-            )
-    if name != FINAL:
-        state = torch.load(root / CHECKPOINTS / name / "state.pt", map_location=device, weights_only=True)
-        if use_ema:
-            _load_ema(model, state["ema"])
-        else:
-            model.load_state_dict(state["model"])
-    return model.eval(), meta
-
-
-def _load_ema(model: torch.nn.Module, ema_state: dict[str, Any]) -> None:
-    ema = EMA(model)
-    ema.load_state_dict(ema_state)
-    ema.copy_to(model)
 
 
 def reference_images(prompts: list[PromptItem], resolution: int) -> list[Image.Image] | None:
@@ -260,13 +190,18 @@ def image_metrics(
 
 @task(name="evaluate")
 def evaluate_checkpoint(
-    cfg: EvaluateConfig, latents_cfg: LatentsConfig, artifact: Artifact, checkpoints: Artifact
+    cfg: EvaluateConfig,
+    latents_cfg: LatentsConfig,
+    artifact: Artifact,
+    checkpoints: Artifact,
+    heldout: tuple[Artifact, Artifact] | None = None,
 ) -> dict[str, Any]:
-    """Sample and score each selected checkpoint; the first is the headline, the rest a comparison table."""
+    """Sample and score each selected checkpoint; the first is the headline, the rest a comparison table.
+    `heldout`: the captions and images artifacts of `heldout:` prompts."""
     log = run_logger()
     device = pick_device(cfg.device)
     names = checkpoint_names(cfg.checkpoints, checkpoints.root)
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts, heldout=heldout)
     reference = reference_images(prompts, latents_cfg.resolution)
     # Fail before sampling, not after: the metric models must be on disk (no download at this point).
     if cfg.feature_extractor == "inception" and reference is not None:
@@ -295,7 +230,7 @@ def evaluate_checkpoint(
         images = [Image.open(paths[(p.index, k)]).convert("RGB") for p, k in jobs]
         results[name] = image_metrics(cfg, prompts, jobs, images, reference, artifact.workspace)
         if name == names[0]:
-            _save_png(image_grid(images[:64]), artifact.root / "grid.png")
+            save_png(image_grid(images[:64]), artifact.root / "grid.png")
             layout = write_benchmark_layout(
                 cfg.prompts.partition(":")[0], artifact.root, prompts, paths, cfg.images_per_prompt
             )
@@ -334,59 +269,15 @@ def sample_prompts(
         if all(paths[(p.index, k)].is_file() for p, k in batch):
             progress.advance("(already sampled)")
             continue
+        texts = [p.text for p, _ in batch]
+        generator = step_generator(cfg.seed, b)
         pixels = sample_images(
-            model, meta, vae, encoder, [p.text for p, _ in batch], cfg.sampler, cfg.steps, cfg.guidance_scale,
-            step_generator(cfg.seed, b),
-        )  # fmt: skip
+            model, meta, vae, encoder, texts, cfg.sampler, cfg.steps, cfg.guidance_scale, generator
+        )
         for (p, k), px in zip(batch, pixels, strict=True):
-            _save_png(Image.fromarray(px), paths[(p.index, k)])
+            save_png(Image.fromarray(px), paths[(p.index, k)])
         progress.advance(f"({len(batch)} images)")
     return paths
-
-
-def decoding_vae(latents_cfg: LatentsConfig, workspace: Path, device: str):
-    """The VAE of the latents stage, in float32, that decodes samples to pixels."""
-    path = resolve_model(latents_cfg.vae, workspace)
-    return cached_model("vae", path=path, device=device, dtype="float32", revision=latents_cfg.revision)
-
-
-def prompt_encoder(meta: dict[str, Any], workspace: Path, device: str) -> OnlineText:
-    """The run's text encoder for new prompts, its outputs rounded like the training batches' embeddings."""
-    text_cfg = meta["text_encoder"]
-    text_dtype = text_cfg.get("dtype", "float32")
-    return OnlineText(
-        cached_model(
-            "text",
-            path=resolve_model(text_cfg["encoder"], workspace),
-            max_length=text_cfg["max_length"],
-            device=device,
-            dtype=text_dtype,
-            revision=text_cfg.get("revision"),
-        ),
-        text_dtype,
-    )
-
-
-def sample_images(
-    model,
-    meta,
-    vae,
-    encoder: OnlineText,
-    texts: list[str],
-    sampler: str,
-    steps: int,
-    guidance: float,
-    generator,
-) -> np.ndarray:
-    """One batch of prompts → uint8 images (B, H, W, 3): guided sampling from the empty prompt's branch, the
-    latent normalisation undone, decoded by the VAE. `t2i evaluate` and `t2i generate` both sample here."""
-    text, mask = encoder.encode(texts)
-    null_text, null_mask = encoder.encode([None])
-    z = sample_latents(
-        meta.get("objective", "epsilon"), sampler, model, (len(texts), *meta["latent_shape"]), text, mask,
-        null_text, null_mask, steps=steps, guidance_scale=guidance, generator=generator,
-    )  # fmt: skip
-    return decode_latents(vae, to_vae_latents(z, meta["latent_norm"]))
 
 
 def headline(metrics: dict[str, Any]) -> str:

@@ -17,16 +17,16 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from t2i.data.store import Artifact
 from t2i.flows.config import ConfigError, PipelineConfig
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-# folder in the export → the project modules it carries (diffusers copies only a file's direct relative imports)
+# folder in the export → the project modules it carries, first the one diffusers loads (`check_carried`)
 CODE = {
-    ".": ["diffusers_pipeline", "diffusion"],
-    "transformer": ["denoiser", "dit", "cad"],
-    "scheduler": ["scheduling", "diffusion", "flow_matching"],
+    ".": ["diffusers_pipeline", "latent_norm"],
+    "transformer": ["denoiser", "architectures", "dit", "cad", "objectives"],
+    "scheduler": ["scheduling", "objectives"],
 }
 MODULE_FILES = {"diffusers_pipeline": "t2i_pipeline"}  # others: t2i_<name>
 IMPORT = re.compile(r"^from t2i\.models\.(\w+) import", re.MULTILINE)
@@ -36,10 +36,27 @@ def module_file(name: str) -> str:
     return MODULE_FILES.get(name, f"t2i_{name}")
 
 
+def imported_modules(name: str) -> set[str]:
+    return set(IMPORT.findall((MODELS_DIR / f"{name}.py").read_text()))
+
+
+def check_carried(folder: str, names: list[str]) -> None:
+    """Every module a folder's code imports is in the folder, and its first module imports all the others
+    itself (diffusers copies no more)."""
+    for name in names:
+        if missing := imported_modules(name) - set(names):
+            raise RuntimeError(f"models/{name}.py imports {sorted(missing)}, which {folder}/ does not carry")
+    if unlisted := set(names[1:]) - imported_modules(names[0]):
+        raise RuntimeError(
+            f"models/{names[0]}.py must import {sorted(unlisted)} itself for diffusers to copy them"
+        )
+
+
 def copy_code(out: Path) -> None:
     """The modules each folder needs, their project imports made relative; any other project import left
     over would need this project installed, so it is refused."""
     for folder, names in CODE.items():
+        check_carried(folder, names)
         for name in names:
             source = (MODELS_DIR / f"{name}.py").read_text()
             code = IMPORT.sub(lambda m: f"from .{module_file(m.group(1))} import", source)
@@ -49,14 +66,6 @@ def copy_code(out: Path) -> None:
             (out / folder / f"{module_file(name)}.py").write_text(code)
 
 
-def latent_norm_dict(norm: Any, channels: int) -> dict[str, list[float]]:
-    """The run's latent normalisation as per-channel lists (a single scale becomes C equal ones)."""
-    from t2i.tasks.train import latent_norm_tensors
-
-    shift, scale = latent_norm_tensors(norm, channels)
-    return {"shift": shift.flatten().tolist(), "scale": scale.flatten().tolist()}
-
-
 def write_components(cfg: PipelineConfig, run, out: Path) -> None:
     """Denoiser, VAE, text encoder, tokenizer, scheduler and `model_index.json` into `out`."""
     import diffusers
@@ -64,9 +73,10 @@ def write_components(cfg: PipelineConfig, run, out: Path) -> None:
     from transformers import AutoTokenizer, T5EncoderModel
 
     from t2i.models.denoiser import T2IDenoiser
-    from t2i.models.sampling import resolve_sampler
+    from t2i.models.latent_norm import per_channel_latent_norm
+    from t2i.models.loading import resolve_model
+    from t2i.models.objectives import objective
     from t2i.models.scheduling import T2IScheduler
-    from t2i.models.tiny import resolve_model
 
     meta = run.meta
     denoiser = T2IDenoiser(meta.get("architecture", "dit"), meta["model_config"], list(meta["latent_shape"]))
@@ -80,8 +90,8 @@ def write_components(cfg: PipelineConfig, run, out: Path) -> None:
     encoder.save_pretrained(out / "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     tokenizer.save_pretrained(out / "tokenizer")
-    objective = meta.get("objective", "epsilon")
-    T2IScheduler(sampler=resolve_sampler(objective, cfg.evaluate.sampler)).save_pretrained(out / "scheduler")
+    sampler = objective(meta.get("objective", "epsilon"), cfg.evaluate.sampler).sampler
+    T2IScheduler(sampler=sampler).save_pretrained(out / "scheduler")
     index = {
         "_class_name": [module_file("diffusers_pipeline"), "T2IPipeline"],
         "_diffusers_version": diffusers.__version__,
@@ -90,7 +100,7 @@ def write_components(cfg: PipelineConfig, run, out: Path) -> None:
         "vae": ["diffusers", type(run.vae).__name__],
         "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", type(tokenizer).__name__],
-        "latent_norm": latent_norm_dict(meta["latent_norm"], meta["latent_shape"][0]),
+        "latent_norm": per_channel_latent_norm(meta["latent_norm"], meta["latent_shape"][0]),
         "text_max_length": text_cfg["max_length"],
         "text_dtype": text_cfg.get("dtype", "float32"),
         "default_steps": cfg.evaluate.steps,
@@ -100,11 +110,15 @@ def write_components(cfg: PipelineConfig, run, out: Path) -> None:
 
 
 def export_model(
-    cfg: PipelineConfig, out: Path | None, checkpoint: str = "final", repo: str | None = None,
+    cfg: PipelineConfig,
+    checkpoints: Artifact,
+    out: Path | None,
+    checkpoint: str = "final",
+    repo: str | None = None,
     private: bool = False,
-) -> None:  # fmt: skip
-    """Write the folder and push it when `repo` is given. The folder appears complete or not at all; an
-    existing export at `out` is replaced, any other non-empty folder refused."""
+) -> None:
+    """Write the folder of the training run `checkpoints` and push it when `repo` is given. The folder appears
+    complete or not at all; an existing export at `out` is replaced, any other non-empty folder refused."""
     from t2i.tasks.generate import TrainedRun
     from t2i.tasks.hub import hub_token
 
@@ -117,7 +131,7 @@ def export_model(
         )
     if out is not None and out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty folder that holds no exported model; choose another")
-    run = TrainedRun(cfg, checkpoint, device="cpu")  # copied to files, never run here
+    run = TrainedRun(cfg, checkpoints, checkpoint, device="cpu")  # copied to files, never run here
     if out is None:
         with tempfile.TemporaryDirectory(prefix="t2i-export-") as tmp:
             write_export(cfg, run, Path(tmp) / "model", repo)

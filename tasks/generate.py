@@ -1,5 +1,6 @@
-"""`t2i generate`: PNGs from prompts with a finished training run's EMA weights (or a kept checkpoint's),
-sampled as `t2i evaluate` samples (`sample_images`): the preset's sampler, steps and guidance by default.
+"""`t2i generate`: the request's options, a finished training run's weights (EMA, or a kept checkpoint's),
+and PNGs from prompts sampled as `t2i evaluate` samples (`t2i.tasks.sampling`): the preset's sampler, steps
+and guidance by default.
 
 Prompt i's `n` images come from one CPU generator seeded `seed + i`, so the same command gives the same
 files, on a GPU too, and `pipe(prompt, num_images_per_prompt=n, generator=torch.Generator().manual_seed(
@@ -14,9 +15,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from t2i.data.store import atomic_path, fingerprint
+from t2i.data.store import Artifact, atomic_path
 from t2i.flows.config import ConfigError, PipelineConfig, format_validation_error
-from t2i.flows.plan import MissingInput, Plan
+from t2i.flows.plan import MissingInput
 
 GRID_IMAGES = 64
 
@@ -60,11 +61,13 @@ class TrainedRun:
     """A finished training run's weights as `t2i evaluate` loads them, with the VAE and the prompt encoder
     it samples with (each loaded when first used: an export needs no prompt encoder)."""
 
-    def __init__(self, cfg: PipelineConfig, checkpoint: str = "final", device: str | None = None) -> None:
-        from t2i.tasks.evaluate import checkpoint_names, load_checkpoint
+    def __init__(
+        self, cfg: PipelineConfig, checkpoints: Artifact, checkpoint: str = "final", device: str | None = None
+    ) -> None:
+        from t2i.models.loading import checkpoint_names, load_checkpoint
         from t2i.tasks.model_cache import pick_device
 
-        self.cfg, self.checkpoints = cfg, Plan(cfg).checkpoints
+        self.cfg, self.checkpoints = cfg, checkpoints
         if not self.checkpoints.is_complete():
             raise MissingInput(
                 f"no finished training run for this configuration ({self.checkpoints.root}); "
@@ -78,37 +81,40 @@ class TrainedRun:
 
     @functools.cached_property
     def vae(self):
-        from t2i.tasks.evaluate import decoding_vae
+        from t2i.tasks.sampling import decoding_vae
 
         return decoding_vae(self.cfg.latents, self.cfg.workspace_path, self.device)
 
     @functools.cached_property
     def encoder(self):
-        from t2i.tasks.evaluate import prompt_encoder
+        from t2i.tasks.sampling import prompt_encoder
 
         return prompt_encoder(self.meta, self.cfg.workspace_path, self.device)
 
     def sample(self, texts: list[str], steps: int, guidance: float, generator):
-        from t2i.tasks.evaluate import sample_images
+        from t2i.tasks.sampling import sample_images
 
         args = (self.cfg.evaluate.sampler, steps, guidance, generator)
         return sample_images(self.model, self.meta, self.vae, self.encoder, texts, *args)
 
 
-def generate(cfg: PipelineConfig, request: GenerateRequest, out: Path | None = None) -> list[Path]:
+def sampling_settings(cfg: PipelineConfig, request: GenerateRequest) -> dict:
+    """The request with the steps and guidance it leaves to the configuration filled in, and the sampler:
+    everything the images depend on besides the weights."""
+    steps = request.steps or cfg.evaluate.steps
+    guidance = cfg.evaluate.guidance_scale if request.guidance is None else request.guidance
+    return {**request.model_dump(), "steps": steps, "guidance": guidance, "sampler": cfg.evaluate.sampler}
+
+
+def generate(run: TrainedRun, request: GenerateRequest, settings: dict, out: Path) -> list[Path]:
     """Write `<i:03d>-<k:02d>.png` per prompt and image (and `grid.png`, a row per prompt, when there are
-    several) into `out` (default: `<workspace>/generate/<digest of the run and the request>`)."""
+    several) into `out`, sampled with `settings` (`sampling_settings`), and the request as `request.json`."""
     import torch
     from PIL import Image
 
-    from t2i.tasks.evaluate import image_grid
+    from t2i.tasks.sampling import image_grid, save_png
 
-    run = TrainedRun(cfg, request.checkpoint)
-    steps = request.steps or cfg.evaluate.steps
-    guidance = cfg.evaluate.guidance_scale if request.guidance is None else request.guidance
-    settings = {**request.model_dump(), "steps": steps, "guidance": guidance, "sampler": cfg.evaluate.sampler}
-    digest = fingerprint("generate", 1, settings, {"train": run.checkpoints.fingerprint})
-    out = out or cfg.workspace_path / "generate" / digest
+    steps, guidance = settings["steps"], settings["guidance"]
     out.mkdir(parents=True, exist_ok=True)
     paths, shown = [], []  # the grid shows the first GRID_IMAGES (a prompts file may hold thousands)
     for i, prompt in enumerate(request.prompts):
@@ -116,13 +122,11 @@ def generate(cfg: PipelineConfig, request: GenerateRequest, out: Path | None = N
         for k, px in enumerate(run.sample([prompt] * request.n, steps, guidance, generator)):
             image = Image.fromarray(px)
             paths.append(out / f"{i:03d}-{k:02d}.png")
-            with atomic_path(paths[-1]) as tmp:
-                image.save(tmp, format="PNG")
+            save_png(image, paths[-1])
             if len(shown) < GRID_IMAGES:
                 shown.append(image)
     if len(paths) > 1:
-        with atomic_path(out / "grid.png") as tmp:
-            image_grid(shown, columns=request.n, cell=shown[0].width).save(tmp, format="PNG")
+        save_png(image_grid(shown, columns=request.n, cell=shown[0].width), out / "grid.png")
     record = {**settings, "checkpoint": run.name, "train": str(run.checkpoints.root)}
     with atomic_path(out / "request.json") as tmp:
         tmp.write_text(json.dumps(record, indent=1))

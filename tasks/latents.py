@@ -14,7 +14,7 @@ from prefect import task
 from t2i.data.imaging import RejectedImage, center_crop_resize, decode_image, to_tensor_range
 from t2i.data.schemas import LATENTS, SHAPE_META_KEY
 from t2i.data.store import Artifact, Reject, ShardInfo
-from t2i.models.tiny import resolve_model
+from t2i.models.loading import resolve_model
 from t2i.models.vae import encode_moments
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import SHARD_TASK_OPTIONS

@@ -1,4 +1,4 @@
-"""Models are loaded once per worker process and reused by every shard it processes."""
+"""Models loaded once per process and reused by every shard it processes; the device a stage runs on."""
 
 from __future__ import annotations
 

@@ -45,17 +45,18 @@ def training_rows(cfg: PipelineConfig, plan: Plan, train: dict[str, Any]) -> lis
     captions = plan.captions.read_manifest() if plan.captions.is_complete() else {}
     backend = captions.get("backend", cfg.recaption.backend)
     captioner = f"{captions.get('model', cfg.recaption.model)} ({backend})" if backend == "vllm" else backend
-    composites = plan.composites
+    cutmix = f"on: composites in {train.get('cutmix_share', 0):.0%} of samples" if plan.composites else "off"
+    text = train["config"]["text"]
     rows = [
         ("denoiser", f"{ARCHITECTURES[t['model']]}, size `{t['size']}`, {train['parameters']:,} parameters"),
         ("objective", f"{t['objective']}, {train['step']:,} steps × global batch {train['global_batch']}"),
         ("optimiser", f"{t['optimizer']}, lr {t['lr']:g}, EMA decay {t['ema_decay']}"),
         ("images", f"`{cfg.download.source}` ({cfg.download.split}): {images.get('rows', '?'):,} images"),
         ("captions", f"{captioner}, {captions.get('rows', '?'):,} captions"),
-        ("CutMix", "off" if composites is None else f"on: composites in {train.get('cutmix_share', 0):.0%} of samples"),
-        ("text encoder", f"`{train['config']['text']['encoder']}`, up to {train['config']['text']['max_length']} tokens"),
+        ("CutMix", cutmix),
+        ("text encoder", f"`{text['encoder']}`, up to {text['max_length']} tokens"),
         ("VAE / resolution", f"`{cfg.latents.vae}`, {cfg.latents.resolution} px"),
-    ]  # fmt: skip
+    ]
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
 
@@ -64,10 +65,10 @@ def evaluation_lines(cfg: PipelineConfig, metrics: dict[str, Any] | None, checkp
 
     if metrics is None:
         return [f"Not evaluated: no finished `t2i evaluate` run of checkpoint `{checkpoint}`.", ""]
-    from t2i.models.sampling import resolve_sampler
+    from t2i.models.objectives import objective
 
     e = cfg.evaluate
-    sampler = resolve_sampler(cfg.train.objective, e.sampler)
+    sampler = objective(cfg.train.objective, e.sampler).sampler
     lines = [
         f"Prompt set `{e.prompts}` ({e.num_prompts} prompts × {e.images_per_prompt}), sampler {sampler}, "
         f"{e.steps} steps, guidance {e.guidance_scale}, checkpoint `{checkpoint}`.",

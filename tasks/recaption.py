@@ -25,8 +25,8 @@ from t2i.data.imaging import RejectedImage, decode_image
 from t2i.data.schemas import captions_schema
 from t2i.data.store import Artifact, Reject, ShardInfo
 from t2i.models.captioners import Caption, Captioner
-from t2i.models.tiny import resolve_model
-from t2i.tasks.device_workers import gpu_groups
+from t2i.models.loading import resolve_model
+from t2i.tasks.device_processes import gpu_groups
 from t2i.tasks.model_cache import cached_model
 from t2i.tasks.shards import SHARD_TASK_OPTIONS
 

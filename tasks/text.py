@@ -24,8 +24,8 @@ from prefect import task
 from t2i.data.schemas import TEXT_EMBEDDINGS
 from t2i.data.store import Artifact, ShardInfo
 from t2i.models.conditioning import bucket_length
+from t2i.models.loading import resolve_model
 from t2i.models.text_encoder import tokenize
-from t2i.models.tiny import resolve_model
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.shards import SHARD_TASK_OPTIONS
 

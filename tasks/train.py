@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 import shutil
 import time
@@ -24,17 +23,19 @@ import torch
 from prefect import task
 
 from t2i.data.store import CHECKPOINTS, Artifact, atomic_path, checkpoint_dirs
-from t2i.data.train_data import TrainTable, build_train_table, pad_rows, train_table_for
+from t2i.data.train_data import TrainTable, build_train_table, collate_text_rows
+from t2i.models.architectures import build_denoiser
 from t2i.models.cad import self_conditioned_forward
-from t2i.models.conditioning import apply_text_dropout, pad_text, trim_padding
-from t2i.models.diffusion import EpsilonObjective
+from t2i.models.conditioning import apply_text_dropout, trim_padding
 from t2i.models.dit import count_parameters
 from t2i.models.ema import EMA
-from t2i.models.flow_matching import RectifiedFlowObjective
-from t2i.models.tiny import resolve_model
-from t2i.tasks.checkpoints import CheckpointWriter, build_denoiser, load_state, save_final
+from t2i.models.latent_norm import LatentNorm, describe_latent_norm
+from t2i.models.loading import resolve_model
+from t2i.models.lr_schedule import lr_factor
+from t2i.models.objectives import Objective, objective, pad_text
+from t2i.tasks.checkpoints import CheckpointWriter, load_state, save_final
 from t2i.tasks.model_cache import cached_model, pick_device
-from t2i.tasks.shards import publish_markdown, run_logger
+from t2i.tasks.reporting import publish_markdown, run_logger
 from t2i.tasks.text import OnlineText, TextShapes, load_encoder
 from t2i.tasks.train_batches import StepBatches, batch_loader
 from t2i.tasks.train_job import TrainJob
@@ -56,12 +57,10 @@ class CheckpointWriteFailed(StopTraining):
 
 
 def open_train_table(
-    latents: Artifact, captions: Artifact, num_shards: int, text: Artifact | None = None
+    table: Artifact, latents: Artifact, captions: Artifact, num_shards: int, text: Artifact | None = None
 ) -> TrainTable:
-    """The memory-mapped join of these inputs, built first if missing."""
-    return TrainTable(
-        build_train_table(train_table_for(latents, captions, text), latents, captions, num_shards, text).root
-    )
+    """The memory-mapped join of these inputs at `table` (`Plan.train_table_of`), built first if missing."""
+    return TrainTable(build_train_table(table, latents, captions, num_shards, text).root)
 
 
 def table_inputs(job: TrainJob) -> list[tuple[Artifact, Artifact, Artifact | None]]:
@@ -78,46 +77,10 @@ def table_inputs(job: TrainJob) -> list[tuple[Artifact, Artifact, Artifact | Non
 def train_tables(job: TrainJob) -> tuple[TrainTable, TrainTable | None]:
     """The memory-mapped tables of the images and of the composites, built first if missing."""
     tables = [
-        open_train_table(latents, captions, job.num_shards, text)
-        for latents, captions, text in table_inputs(job)
+        open_train_table(table, latents, captions, job.num_shards, text)
+        for table, (latents, captions, text) in zip(job.train_tables, table_inputs(job), strict=True)
     ]
     return tables[0], tables[1] if len(tables) > 1 else None
-
-
-LatentNorm = dict[str, list[float]] | float  # {"shift": [C], "scale": [C]}, or one scale with no shift
-
-
-def latent_norm_tensors(norm: LatentNorm, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) shaped (1, C, 1, 1): the model sees (z − shift) × scale."""
-    if not isinstance(norm, dict):
-        norm = {"shift": [0.0] * channels, "scale": [float(norm)] * channels}
-    shift, scale = (
-        torch.tensor(norm[k], dtype=torch.float32).reshape(1, -1, 1, 1) for k in ("shift", "scale")
-    )
-    if shift.shape[1] != channels or scale.shape[1] != channels:
-        raise ValueError(f"latent normalisation has {shift.shape[1]} channels, the latents {channels}")
-    return shift, scale
-
-
-def describe_norm(norm: LatentNorm) -> str:
-    if not isinstance(norm, dict):
-        return f"scale {norm:g}"
-    shift, scale = (", ".join(f"{v:.3f}" for v in norm[k]) for k in ("shift", "scale"))
-    return f"per-channel shift [{shift}], scale [{scale}]"
-
-
-def to_vae_latents(z: torch.Tensor, norm: LatentNorm) -> torch.Tensor:
-    """Model-space latents back to what the VAE decodes."""
-    shift, scale = latent_norm_tensors(norm, z.shape[1])
-    return z / scale.to(z.device) + shift.to(z.device)
-
-
-def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
-    """Linear warmup, then cosine decay from 1 to `final_ratio` at the last step."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -144,8 +107,11 @@ class SamplePreview:
     the other ranks, waiting at the next gradient all-reduce, are never held long.
     """
 
-    def __init__(self, root: Path, vae_path: str, text: TrainText, count: int, scale, cfg, build, device):
-        self.root, self.vae_path, self.text, self.scale, self.cfg = root, vae_path, text, scale, cfg
+    def __init__(
+        self, root: Path, vae_path: str, text: TrainText, count: int, latent_norm, cfg, build, device
+    ):
+        self.root, self.vae_path, self.text, self.cfg = root, vae_path, text, cfg
+        self.latent_norm: LatentNorm = latent_norm
         self.rows = np.arange(min(count, len(text.table)))
         self.prompts = text.table.column("caption", self.rows)
         self.build, self.device, self.model = build, torch.device(device), None
@@ -153,24 +119,30 @@ class SamplePreview:
     def sample(self, ema: EMA, step: int):
         from PIL import Image
 
-        from t2i.models.sampling import sample_latents
-        from t2i.models.vae import decode_latents
+        from t2i.tasks.sampling import image_grid, sample_pixels
 
         vae = cached_model("vae", path=self.vae_path, device=str(self.device), dtype="float32", revision=None)
         if self.model is None:
             self.model = self.build().to(self.device).eval()
         ema.copy_to(self.model)
         text, mask = self.text.of_rows(self.rows)
-        z = sample_latents(
-            self.cfg.objective, "auto", self.model, (len(self.rows), *self.text.table.latent_shape), text, mask,
-            self.text.null_text, self.text.null_mask, steps=20, guidance_scale=3.0,
-            generator=torch.Generator(self.device).manual_seed(self.cfg.seed),
-        )  # fmt: skip
-        pixels = decode_latents(vae, to_vae_latents(z, self.scale))
-        cell = 128
-        grid = Image.new("RGB", (cell * len(pixels), cell))
-        for i, px in enumerate(pixels):
-            grid.paste(Image.fromarray(px).resize((cell, cell), Image.NEAREST), (i * cell, 0))
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        pixels = sample_pixels(
+            self.cfg.objective,
+            "auto",
+            self.model,
+            vae,
+            self.text.table.latent_shape,
+            self.latent_norm,
+            text,
+            mask,
+            self.text.null_text,
+            self.text.null_mask,
+            steps=20,
+            guidance_scale=3.0,
+            generator=generator,
+        )
+        grid = image_grid([Image.fromarray(px) for px in pixels], columns=len(pixels), cell=128)
         path = self.root / "samples" / f"step-{step:08d}.png"
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
@@ -224,8 +196,8 @@ class Trainer:
     timing: dict[str, float] = field(default_factory=lambda: {"data": 0.0, "text": 0.0, "total": 0.0})
 
     @property
-    def objective(self):
-        return objective_for(self.cfg)
+    def objective(self) -> Objective:
+        return objective(self.cfg.objective)
 
     def step(self, step: int, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches; returns loss and gradient norm on the device
@@ -260,10 +232,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(model)
         return loss_sum, grad_norm
-
-
-def objective_for(cfg: TrainConfig):
-    return EpsilonObjective() if cfg.objective == "epsilon" else RectifiedFlowObjective()
 
 
 class TrainText:
@@ -302,7 +270,7 @@ class TrainText:
     def of_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The text of table rows as the denoiser sees it (for previews)."""
         if self.encoder is None:
-            text, mask = pad_rows(self.table.embeddings_of(rows))
+            text, mask = collate_text_rows(self.table.embeddings_of(rows))
         else:
             text, mask = self.encoder.encode(self.table.column("caption", rows))
         return text.to(self.device).float(), mask.to(self.device)
@@ -501,12 +469,11 @@ def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: P
         log.info(
             f"[train] {cfg.model}-{cfg.size} (patch {model.config.patch_size}): "
             f"{count_parameters(model) / 1e6:.2f}M parameters, {len(text.table)} samples, "
-            f"latents {shape}, normalised by {describe_norm(latent_norm)}"
+            f"latents {shape}, normalised by {describe_latent_norm(latent_norm)}"
         )
     trainer.model, trainer.optimizer = accelerator.prepare(model, optimizer)
-    if (
-        cfg.compile
-    ):  # after DDP, as torch wants (here, not accelerate's dynamo plugin: its state is per process)
+    # compiled after DDP, as torch wants (here, not accelerate's dynamo plugin: its state is per process)
+    if cfg.compile:
         trainer.model = torch.compile(trainer.model, backend="inductor", dynamic=False)
     return trainer, step
 
@@ -582,17 +549,16 @@ def open_run(job: TrainJob, log) -> Run:
     c, h, _ = table.latent_shape
 
     def build() -> torch.nn.Module:
-        return build_denoiser(cfg.model, cfg.size, latent_channels=c, latent_size=h, text_dim=text.dim,
-                              patch_size=cfg.patch_size)  # fmt: skip
+        sizes = {"latent_channels": c, "latent_size": h, "text_dim": text.dim, "patch_size": cfg.patch_size}
+        return build_denoiser(cfg.model, cfg.size, **sizes)
 
     trainer, step = build_trainer(cfg, accelerator, build, text, job.latent_norm, root, log)
     last_stop = cfg.steps if job.stop_after is None else min(cfg.steps, job.stop_after)
-    shift, scale = latent_norm_tensors(job.latent_norm, c)
-    batches = iter(batch_loader(
-        StepBatches(cfg, trainer.objective, table, comps, step, last_stop, accelerator.process_index,
-                    accelerator.num_processes, shift, scale, text.shapes),
-        cfg.loader_workers, pin_memory=accelerator.device.type == "cuda",
-    ))  # fmt: skip
+    rank, world = accelerator.process_index, accelerator.num_processes
+    dataset = StepBatches(
+        cfg, trainer.objective, table, comps, step, last_stop, rank, world, job.latent_norm, text.shapes
+    )
+    batches = iter(batch_loader(dataset, cfg.loader_workers, pin_memory=accelerator.device.type == "cuda"))
     return Run(trainer, step, last_stop, batches, build)
 
 
@@ -627,7 +593,7 @@ def train_denoiser(job: TrainJob) -> dict[str, Any]:
     if "writer" in outputs:
         outputs["writer"].wait(raise_error=False)
     steplog.check(root, outputs.get("writer"))  # the last write too: every rank stops if it failed
-    result = summarise(trainer, step, first, syncs)
+    result = run_record(trainer, step, first, syncs, check_ranks_agree(trainer))
     if step >= cfg.steps and trainer.accelerator.is_main_process:
         save_final_model(trainer, run.build, job.text, job.latent_norm, step, root)
     return result
@@ -643,15 +609,15 @@ def rank_outputs(job: TrainJob, accelerator, text: TrainText, build) -> dict[str
         outputs["writer"] = CheckpointWriter(root, cfg.keep_checkpoints)
         outputs["board"] = SummaryWriter(str(root / "tensorboard"))
         if job.vae_path and cfg.sample_prompts:
-            outputs["preview"] = SamplePreview(root, job.vae_path, text, cfg.sample_prompts, job.latent_norm, cfg,
-                                               build, accelerator.device)  # fmt: skip
+            outputs["preview"] = SamplePreview(
+                root, job.vae_path, text, cfg.sample_prompts, job.latent_norm, cfg, build, accelerator.device
+            )
     return outputs
 
 
-def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | None) -> dict[str, Any]:
-    """The run's record; also checks that every rank ended with the same weights."""
-    acc, cfg = trainer.accelerator, trainer.cfg
-    allreduce = "bf16" if compresses_gradients(cfg, str(acc.device)) else "float32"
+def check_ranks_agree(trainer: Trainer) -> list[float]:
+    """Every rank's weight checksum, the same on all (else the run stops: the ranks have drifted apart)."""
+    acc = trainer.accelerator
     unwrapped = acc.unwrap_model(trainer.model)
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
     checksums = acc.gather(checksum.to(acc.device)).tolist()
@@ -659,6 +625,16 @@ def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | No
         raise RuntimeError(
             f"train: the {acc.num_processes} processes ended with different weights: {checksums}"
         )
+    return checksums
+
+
+def run_record(
+    trainer: Trainer, step: int, first: int, syncs: GradientSyncs | None, checksums: list[float]
+) -> dict[str, Any]:
+    """What the run reports: its size, how it all-reduced, the ranks' checksums, CutMix share and timing."""
+    acc, cfg = trainer.accelerator, trainer.cfg
+    allreduce = "bf16" if compresses_gradients(cfg, str(acc.device)) else "float32"
+    unwrapped = acc.unwrap_model(trainer.model)
     return {
         "step": step,
         "samples": len(trainer.text.table),
@@ -675,7 +651,7 @@ def summarise(trainer: Trainer, step: int, first: int, syncs: GradientSyncs | No
 
 
 def save_final_model(
-    trainer: Trainer, build, text_cfg: TextConfig, scale_factor, step: int, root: Path
+    trainer: Trainer, build, text_cfg: TextConfig, latent_norm: LatentNorm, step: int, root: Path
 ) -> None:
     final_model = build()
     trainer.ema.copy_to(final_model)
@@ -684,7 +660,7 @@ def save_final_model(
         "model_config": asdict(final_model.config),
         "objective": trainer.cfg.objective,
         "text_encoder": text_cfg.model_dump(mode="json"),
-        "latent_norm": scale_factor,
+        "latent_norm": latent_norm,
         "latent_shape": list(trainer.text.table.latent_shape),
         "ema_decay": trainer.cfg.ema_decay,
         "steps": step,

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from t2i.data.store import exit_with
-from t2i.data.train_data import TrainTable, pad_rows
+from t2i.data.train_data import TrainTable, collate_text_rows
 from t2i.models.conditioning import cfg_dropout_mask, cutmix_gate, random_latent_crop
+from t2i.models.latent_norm import LatentNorm, latent_norm_tensors
 from t2i.tasks.text import TextShapes
 
 if TYPE_CHECKING:
     from t2i.flows.config import TrainConfig
+    from t2i.models.objectives import Objective
 
 # Each sample's draws come from the stream of its position in the global batch; a few choices must agree
 # across the ranks (whether CAD-I takes its self-conditioning pass this step), and those come from one stream
@@ -36,7 +38,7 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
-def per_sample(gens: list[torch.Generator], draw) -> torch.Tensor:
+def stack_draws(gens: list[torch.Generator], draw) -> torch.Tensor:
     """`draw(g)` for each sample's generator, stacked along a new batch dimension."""
     return torch.stack([draw(g) for g in gens])
 
@@ -61,9 +63,17 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainTable | None,
-                   idx: np.ndarray, gens: list[torch.Generator], shift: torch.Tensor, scale: torch.Tensor,
-                   shapes: TextShapes) -> dict[str, Any]:  # fmt: skip
+def assemble_batch(
+    cfg: TrainConfig,
+    objective: Objective,
+    table: TrainTable,
+    comps: TrainTable | None,
+    idx: np.ndarray,
+    gens: list[torch.Generator],
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    shapes: TextShapes,
+) -> dict[str, Any]:
     """One micro-batch of the rows `idx`, each sample drawing from its own generator in `gens`: model-space
     latents z (CutMix composites swapped in where `cutmix_gate` says, latent and caption together), t,
     noise, the CFG dropout mask, and the text padded to its length bucket: the stored embeddings when there
@@ -71,12 +81,12 @@ def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainT
     mean, std = table.moments_of(idx)
     captions = table.column("caption", idx)
     text_rows = table.embeddings_of(idx) if table.words is not None else None
-    t = per_sample(gens, lambda g: objective.sample_t(1, generator=g)[0])
+    t = stack_draws(gens, lambda g: objective.sample_t(1, generator=g)[0])
     swapped = np.zeros(0, dtype=np.int64)
     if comps is not None:
-        gate = torch.cat([cutmix_gate(t[j : j + 1], g, cfg.cutmix_threshold, cfg.cutmix_p)
-                          for j, g in enumerate(gens)])  # fmt: skip
-        pick = per_sample(gens, lambda g: torch.randint(len(comps), (), generator=g)).numpy()
+        gates = [cutmix_gate(t[j : j + 1], g, cfg.cutmix_threshold, cfg.cutmix_p) for j, g in enumerate(gens)]
+        gate = torch.cat(gates)
+        pick = stack_draws(gens, lambda g: torch.randint(len(comps), (), generator=g)).numpy()
         swapped = gate.nonzero().flatten().numpy()
         if len(swapped):
             mean[swapped], std[swapped] = comps.moments_of(pick[swapped])
@@ -85,15 +95,15 @@ def assemble_batch(cfg: TrainConfig, objective, table: TrainTable, comps: TrainT
             if text_rows is not None:
                 for j, row in zip(swapped, comps.embeddings_of(pick[swapped]), strict=True):
                     text_rows[j] = row
-    z = (mean + std * per_sample(gens, lambda g: torch.randn(mean.shape[1:], generator=g)) - shift) * scale
+    z = (mean + std * stack_draws(gens, lambda g: torch.randn(mean.shape[1:], generator=g)) - shift) * scale
     if cfg.latent_crop:
         z = torch.cat([random_latent_crop(z[j : j + 1], cfg.latent_crop, g) for j, g in enumerate(gens)])
-    drop = per_sample(gens, lambda g: cfg_dropout_mask(1, cfg.cfg_dropout, g)[0])
-    eps = per_sample(gens, lambda g: torch.randn(z.shape[1:], generator=g))
+    drop = stack_draws(gens, lambda g: cfg_dropout_mask(1, cfg.cfg_dropout, g)[0])
+    eps = stack_draws(gens, lambda g: torch.randn(z.shape[1:], generator=g))
     batch = {"z": z, "t": t, "eps": eps, "drop": drop, "swapped": len(swapped)}
     if text_rows is not None:
         rows = [row[:0] if dropped else row for row, dropped in zip(text_rows, drop.tolist(), strict=True)]
-        batch["text"], batch["mask"] = pad_rows(rows, shapes.length(max(len(r) for r in rows)))
+        batch["text"], batch["mask"] = collate_text_rows(rows, shapes.length(max(len(r) for r in rows)))
     else:
         texts = ["" if dropped else c for c, dropped in zip(captions, drop.tolist(), strict=True)]
         batch["input_ids"], batch["attention_mask"] = shapes.tokenize(texts)
@@ -104,12 +114,23 @@ class StepBatches(torch.utils.data.Dataset):
     """Item i is micro-batch i % accumulation of step first + i // accumulation, for one rank: a torch
     DataLoader walks it in order with workers and pinned memory, so batches wait ready for the GPU."""
 
-    def __init__(self, cfg: TrainConfig, objective, table: TrainTable, comps: TrainTable | None,
-                 first: int, last: int, rank: int, world: int, shift: torch.Tensor, scale: torch.Tensor,
-                 shapes: TextShapes):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        objective: Objective,
+        table: TrainTable,
+        comps: TrainTable | None,
+        first: int,
+        last: int,
+        rank: int,
+        world: int,
+        latent_norm: LatentNorm,
+        shapes: TextShapes,
+    ):
         self.cfg, self.objective, self.table, self.comps = cfg, objective, table, comps
         self.first, self.last, self.rank, self.world = first, last, rank, world
-        self.shift, self.scale, self.shapes = shift, scale, shapes
+        self.shift, self.scale = latent_norm_tensors(latent_norm, table.latent_shape[0])
+        self.shapes = shapes
         self.owner = os.getpid()  # the rank whose loader workers build these batches
 
     def __len__(self) -> int:
@@ -124,8 +145,9 @@ class StepBatches(torch.utils.data.Dataset):
         start = self.rank * per_rank + micro * size
         idx = batch_indices(len(self.table), cfg.batch_size, step, cfg.seed)[start : start + size].numpy()
         gens = [step_generator(cfg.seed, step, position) for position in range(start, start + size)]
-        batch = assemble_batch(cfg, self.objective, self.table, self.comps, idx, gens, self.shift, self.scale,
-                               self.shapes)  # fmt: skip
+        batch = assemble_batch(
+            cfg, self.objective, self.table, self.comps, idx, gens, self.shift, self.scale, self.shapes
+        )
         if cfg.model == "cad":
             batch["self_condition"] = self_condition_coin(cfg, step, micro)
         return batch
@@ -145,11 +167,18 @@ def batch_loader(dataset: StepBatches, workers: int, pin_memory: bool) -> torch.
     the orchestrator's threads, which a forked child must not inherit (Prefect's handlers made forked
     workers exit with an error). They end with their rank, so a killed rank leaves none behind."""
     workers = min(workers, len(os.sched_getaffinity(0)))
+    if not workers:
+        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, pin_memory=pin_memory)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None, multiprocessing_context="forkserver" if workers else None,
-        worker_init_fn=_loader_worker_init if workers else None,
-    )  # fmt: skip
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4,
+        multiprocessing_context="forkserver",
+        worker_init_fn=_loader_worker_init,
+    )
 
 
 def _loader_worker_init(_worker_id: int) -> None:

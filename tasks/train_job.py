@@ -1,8 +1,8 @@
 """One training job, described once: the train flow builds a `TrainJob`, `train_denoiser` runs it in this
-process, and the distributed launch hands the same object, as JSON, to every torchrun worker.
+process, and the distributed launch hands the same object, as JSON, to every rank.
 
 The distributed job is one process tree that cleans up after itself: torchrun runs under a launcher that
-dies with the task (and every worker dies with torchrun), rank 0's log lines and every rank's errors reach
+dies with the task (and every rank's process dies with torchrun), rank 0's log lines and every rank's errors reach
 the task's log, and rank 0's artifacts are published by the task, in its own Prefect run.
 """
 
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator
 
 from t2i.data.store import Artifact, atomic_path, die_with_parent
 from t2i.flows.config import TextConfig, TrainConfig
-from t2i.tasks.shards import ARTIFACT_LINE, RELAY_ENV, publish_markdown, run_logger
+from t2i.tasks.reporting import ARTIFACT_LINE, RELAY_ENV, publish_markdown, run_logger
 
 
 def _artifact(value: Any) -> Artifact:
@@ -48,6 +48,8 @@ class TrainJob(BaseModel):
     composites: tuple[ArtifactField, ArtifactField] | None = None
     # precomputed text artifacts (images', then composites') when text.mode is precomputed
     text_embeddings: tuple[ArtifactField, ...] = ()
+    # where the inputs are joined for training (`Plan.train_table_of`): images', then composites'
+    train_tables: tuple[ArtifactField, ...] = ()
     stop_after: int | None = None  # stop after this step (tests, and the last step of a bounded run)
 
     @property
@@ -57,7 +59,7 @@ class TrainJob(BaseModel):
 
 # --- the process tree -------------------------------------------------------------------------------------
 
-STOP_GRACE = 30.0  # seconds torchrun gets to stop its workers after SIGTERM before it is killed
+STOP_GRACE = 30.0  # seconds torchrun gets to stop its ranks after SIGTERM before it is killed
 
 
 def relay(proc: subprocess.Popen, log, publish) -> int:
@@ -74,7 +76,7 @@ def relay(proc: subprocess.Popen, log, publish) -> int:
                 log.warning(f"[train] could not publish an artifact of rank 0: {type(exc).__name__}: {exc}")
         return proc.wait()
     finally:
-        if proc.poll() is None:  # torchrun forwards SIGTERM to its workers and waits for them
+        if proc.poll() is None:  # torchrun forwards SIGTERM to its ranks and waits for them
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE)
@@ -102,8 +104,8 @@ def launch_distributed(job: TrainJob, processes: int) -> dict[str, Any]:
     log.info(f"[train] launching {processes} processes on node {cfg.node_rank}: torchrun {' '.join(cmd[4:])}")
     # gloo connects a pair on first use, not all pairs at start-up: after a restart a rank that started first
     # no longer fails (connection refused, 3 instant retries) before its peer listens
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={"TORCH_GLOO_LAZY_INIT": "1", **os.environ, RELAY_ENV: str(job_path)})  # fmt: skip
+    env = {"TORCH_GLOO_LAZY_INIT": "1", **os.environ, RELAY_ENV: str(job_path)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     code = relay(proc, log, publish_markdown)
     raise_if_stopped(job)
     if code != 0:
@@ -135,8 +137,8 @@ def torchrun_args(cfg: TrainConfig, processes: int, run_id: str) -> list[str]:
 
 def launch_command(job: TrainJob, processes: int, job_path: Path) -> list[str]:
     args = torchrun_args(job.train, processes, job.checkpoints.fingerprint)
-    worker = ["-m", "t2i.flows.train_worker"]
-    return [sys.executable, *worker, "--launch", *args, *worker, str(job_path)]
+    entry = ["-m", "t2i.tasks.train_process"]
+    return [sys.executable, *entry, "--launch", *args, *entry, str(job_path)]
 
 
 def run_torchrun(argv: list[str]) -> int:

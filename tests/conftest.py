@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """A workspace-shaped folder holding the three tiny models, built once; copy it into test workspaces."""
-    from t2i.models.tiny import resolve_model
+    from t2i.models.loading import resolve_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     for ref in ("tiny:llava", "tiny:vae", "tiny:t5"):

@@ -47,6 +47,7 @@ def main() -> None:
 
     from t2i.data.store import Artifact
     from t2i.flows.config import load_config
+    from t2i.flows.plan import Plan
     from t2i.tasks.train_job import TrainJob
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,12 +56,30 @@ def main() -> None:
         text = store_text(ws, load_config("tiny", [], str(ws)).text, captions, shards)
         results = {}
         for compiled in (False, True):
-            cfg = load_config("tiny", [f"train.size={args.size}", f"train.batch_size={args.batch}",
-                                       f"train.steps={args.steps + 1}", "train.text_buckets=1", "train.optimizer=lamb",
-                                       "text.mode=precomputed", f"train.compile={compiled}"], str(ws))  # fmt: skip
-            job = TrainJob(train=cfg.train, text=cfg.text, checkpoints=Artifact(ws, "train", f"c{compiled}"),
-                           latents=latents, captions=captions, num_shards=shards, latent_norm=1.0,
-                           text_embeddings=(text,))  # fmt: skip
+            cfg = load_config(
+                "tiny",
+                [
+                    f"train.size={args.size}",
+                    f"train.batch_size={args.batch}",
+                    f"train.steps={args.steps + 1}",
+                    "train.text_buckets=1",
+                    "train.optimizer=lamb",
+                    "text.mode=precomputed",
+                    f"train.compile={compiled}",
+                ],
+                str(ws),
+            )
+            job = TrainJob(
+                train=cfg.train,
+                text=cfg.text,
+                checkpoints=Artifact(ws, "train", f"c{compiled}"),
+                latents=latents,
+                captions=captions,
+                num_shards=shards,
+                latent_norm=1.0,
+                text_embeddings=(text,),
+                train_tables=(Plan(cfg).train_table_of(latents, captions, text),),
+            )
             results[compiled] = step_times(job, args.steps)
     (_, eager), (first, compiled) = results[False], results[True]
     print(

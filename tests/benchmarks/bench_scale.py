@@ -378,7 +378,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     server = runner = None
     try:
-        from t2i.models.tiny import resolve_model
+        from t2i.models.loading import resolve_model
 
         holder = root / "tiny-models"
         for ref in ("tiny:t5", "tiny:vae", "tiny:llava"):

@@ -40,15 +40,25 @@ def build_encoder(ws: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-    from t2i.models.tiny import resolve_model
+    from t2i.models.loading import resolve_model
 
     out = ws / "t5-xl-shaped"
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny:t5", ws))
     # google/flan-t5-xl's config but d_model 2048 → 512, 24 layers → 4, 32 heads → 8, d_ff 5120 → 1024
-    config = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=4, num_heads=8,
-                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-                      relative_attention_max_distance=128, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = T5Config(
+        vocab_size=32128,
+        d_model=512,
+        d_kv=64,
+        d_ff=1024,
+        num_layers=4,
+        num_heads=8,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     T5EncoderModel(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -95,8 +105,10 @@ def make_artifacts(root: Path, samples: int, shard: int, tokenizer):
         ).replace_schema_metadata({SHAPE_META_KEY: json.dumps(list(LATENT)).encode()})
         latents.write_shard(i, table)
         texts = [long_caption(i * shard + j, tokenizer) for j in range(n)]
-        rows = [{"key": k, "caption": c, "model": "scenes", "tokens": None, "finish_reason": "stop"}
-                for k, c in zip(keys, texts, strict=True)]  # fmt: skip
+        rows = [
+            {"key": k, "caption": c, "model": "scenes", "tokens": None, "finish_reason": "stop"}
+            for k, c in zip(keys, texts, strict=True)
+        ]
         captions.write_shard(i, pa.Table.from_pylist(rows, schema=CAPTIONS))
     return latents, captions, -(-samples // shard)
 
@@ -115,6 +127,7 @@ def main() -> None:
 
     from t2i.data.store import Artifact
     from t2i.flows.config import load_config
+    from t2i.flows.plan import Plan
     from t2i.flows.status import BYTES_PER_ELEMENT, encoder_dim, text_disk, text_disk_bytes
     from t2i.tasks.text import null_embedding, text_shard
     from t2i.tasks.train import train_denoiser
@@ -131,10 +144,22 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(encoder)
         latents, captions, shards = make_artifacts(ws, args.samples, 64, tokenizer)
         setup = time.perf_counter() - started
-        cfg = load_config("tiny", ["train.size=tiny", "train.patch_size=2", f"train.batch_size={args.batch}",
-                                   f"train.steps={args.steps}", "train.log_every=100000",
-                                   "train.checkpoint_every=100000", "text.mode=online", f"text.encoder={encoder}",
-                                   "text.max_length=256", f"text.dtype={dtype}"], str(ws))  # fmt: skip
+        cfg = load_config(
+            "tiny",
+            [
+                "train.size=tiny",
+                "train.patch_size=2",
+                f"train.batch_size={args.batch}",
+                f"train.steps={args.steps}",
+                "train.log_every=100000",
+                "train.checkpoint_every=100000",
+                "text.mode=online",
+                f"text.encoder={encoder}",
+                "text.max_length=256",
+                f"text.dtype={dtype}",
+            ],
+            str(ws),
+        )
         stored_cfg = cfg.text.model_copy(update={"mode": "precomputed"})
         text_art = Artifact(ws, "text", "bench")
         t0 = time.perf_counter()
@@ -146,9 +171,24 @@ def main() -> None:
         tokens = np.concatenate([text_art.read_shard(i)["tokens"].to_numpy() for i in range(shards)])
         parquet = sum(text_art.shard_path(i).stat().st_size for i in range(shards))
 
-        job = TrainJob(train=cfg.train, text=cfg.text, checkpoints=Artifact(ws, "train", "warm"), latents=latents,
-                       captions=captions, num_shards=shards, latent_norm=1.0)  # fmt: skip
-        modes = {"online": {}, "precomputed": {"text": stored_cfg, "text_embeddings": (text_art,)}}
+        job = TrainJob(
+            train=cfg.train,
+            text=cfg.text,
+            checkpoints=Artifact(ws, "train", "warm"),
+            latents=latents,
+            captions=captions,
+            num_shards=shards,
+            latent_norm=1.0,
+        )
+        plan = Plan(cfg)
+        modes = {
+            "online": {"train_tables": (plan.train_table_of(latents, captions, None),)},
+            "precomputed": {
+                "text": stored_cfg,
+                "text_embeddings": (text_art,),
+                "train_tables": (plan.train_table_of(latents, captions, text_art),),
+            },
+        }
         warm = {"train": cfg.train.model_copy(update={"steps": 1})}  # first kernels, the encoder's load
         for mode, update in modes.items():
             train_denoiser.fn(
@@ -175,13 +215,17 @@ def main() -> None:
         preset = text_disk(load_config("imagenet256", [], tmp))
     from_preset = text_disk_bytes(IMAGENET_CAPTIONS, preset.mean_tokens, preset.dim, preset.dtype)
     raw = int(tokens.sum()) * 512 * BYTES_PER_ELEMENT[dtype]
-    print(f"setup (encoder, {args.samples} captions, latents {'×'.join(map(str, LATENT))}): {setup:.1f}s; "
-          f"{torch.get_num_threads()} threads, text encoder d_model 512 × 4 layers in {dtype}")  # fmt: skip
+    print(
+        f"setup (encoder, {args.samples} captions, latents {'×'.join(map(str, LATENT))}): {setup:.1f}s; "
+        f"{torch.get_num_threads()} threads, text encoder d_model 512 × 4 layers in {dtype}"
+    )
     print(
         f"captions: {len(tokens)}, T5 tokens mean {tokens.mean():.1f} (min {tokens.min()}, max {tokens.max()})"
     )
-    print(f"DiT-I tiny, patch 2, batch {args.batch}; {args.rounds} alternating runs of {args.steps} steps a mode "
-          "after a 1-step warm-up; fastest run (all runs, ms/step)")  # fmt: skip
+    print(
+        f"DiT-I tiny, patch 2, batch {args.batch}; {args.rounds} alternating runs of {args.steps} steps a mode "
+        "after a 1-step warm-up; fastest run (all runs, ms/step)"
+    )
     for mode, best in (("online", on), ("precomputed", pre)):
         runs_ms = ", ".join(f"{x * 1e3:.0f}" for x in per_step(mode))
         print(f"{mode + ':':<13}{best * 1e3:8.1f} ms/step (text {share[mode]:.0%}; runs {runs_ms})")

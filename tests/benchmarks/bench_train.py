@@ -92,18 +92,19 @@ def full_rate(job, name: str, **update) -> tuple[float, float]:
 
 def bare_rate(job, args) -> tuple[float, torch.nn.Module]:
     """Samples/s of forward/backward, clip, optimizer and EMA on tensors in memory; and the model."""
-    from t2i.data.train_data import pad_rows
-    from t2i.models.diffusion import EpsilonObjective
+    from t2i.data.train_data import collate_text_rows
+    from t2i.models.architectures import build_denoiser
     from t2i.models.ema import EMA
-    from t2i.tasks.train import build_denoiser, make_optimizer, train_tables
+    from t2i.models.objectives import Epsilon
+    from t2i.tasks.train import make_optimizer, train_tables
 
     table, _ = train_tables(job)
     torch.manual_seed(0)
-    model = build_denoiser(args.model, args.size, latent_channels=4, latent_size=16, text_dim=table.words.shape[1],
-                           patch_size=job.train.patch_size)  # fmt: skip
-    ema, opt, objective = EMA(model, 0.9999), make_optimizer(model, job.train), EpsilonObjective()
+    sizes = {"latent_channels": 4, "latent_size": 16, "text_dim": table.words.shape[1]}
+    model = build_denoiser(args.model, args.size, patch_size=job.train.patch_size, **sizes)
+    ema, opt, objective = EMA(model, 0.9999), make_optimizer(model, job.train), Epsilon()
     z = torch.randn(args.batch, 4, 16, 16)
-    text, mask = pad_rows(table.embeddings_of(range(args.batch)))
+    text, mask = collate_text_rows(table.embeddings_of(range(args.batch)))
     text = text.float()
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -141,34 +142,51 @@ def main() -> None:
 
     from t2i.data.store import Artifact
     from t2i.flows.config import load_config
+    from t2i.flows.plan import Plan
     from t2i.tasks.train_job import TrainJob
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)
         latents, captions, shards = make_artifacts(ws, args.samples, 512)
-        cfg = load_config("tiny", [f"train.size={args.size}", f"train.model={args.model}", f"train.batch_size={args.batch}",
-                                   f"train.steps={args.steps}", "train.log_every=100000", "train.checkpoint_every=100000",
-                                   f"train.optimizer={args.optimizer}", "text.mode=precomputed",
-                                   f"train.loader_workers={args.loader_workers}"],
-                          str(ws))  # fmt: skip
+        overrides = [
+            f"train.size={args.size}",
+            f"train.model={args.model}",
+            f"train.batch_size={args.batch}",
+            f"train.steps={args.steps}",
+            "train.log_every=100000",
+            "train.checkpoint_every=100000",
+            f"train.optimizer={args.optimizer}",
+            "text.mode=precomputed",
+            f"train.loader_workers={args.loader_workers}",
+        ]
+        cfg = load_config("tiny", overrides, str(ws))
         text = store_text(ws, cfg.text, captions, shards)
-        job = TrainJob(train=cfg.train, text=cfg.text, checkpoints=Artifact(ws, "train", "bench"), latents=latents,
-                       captions=captions, num_shards=shards, latent_norm=1.0, text_embeddings=(text,))  # fmt: skip
+        inputs = {"latents": latents, "captions": captions, "num_shards": shards, "text_embeddings": (text,)}
+        plan = Plan(cfg)
+        inputs["train_tables"] = (plan.train_table_of(latents, captions, text),)
+        checkpoints = Artifact(ws, "train", "bench")
+        job = TrainJob(train=cfg.train, text=cfg.text, checkpoints=checkpoints, latent_norm=1.0, **inputs)
         bare, model = bare_rate(job, args)
         full, data = full_rate(job, "full")
         online, _ = full_rate(
-            job, "online", text=cfg.text.model_copy(update={"mode": "online"}), text_embeddings=()
+            job,
+            "online",
+            text=cfg.text.model_copy(update={"mode": "online"}),
+            text_embeddings=(),
+            train_tables=(plan.train_table_of(latents, captions, None),),
         )
         bare_again, _ = bare_rate(job, args)  # on each side of the full runs: the machine's drift shows
     ratio = optimizer_ratio(model)
     bare = max(bare, bare_again)
-    print(f"model: {args.model}-{args.size} (patch {model.config.patch_size}), batch {args.batch}, {args.steps} steps, "
-          f"{args.optimizer}, {args.loader_workers} loader workers, {torch.get_num_threads()} threads")  # fmt: skip
+    model_name = f"{args.model}-{args.size} (patch {model.config.patch_size})"
+    threads = torch.get_num_threads()
+    print(f"model: {model_name}, batch {args.batch}, {args.steps} steps, {args.optimizer}, ", end="")
+    print(f"{args.loader_workers} loader workers, {threads} threads")
     print(f"full step, precomputed text: {full:8.1f} samples/s (waiting for batches: {data:.1%})")
     print(f"full step, online text:      {online:8.1f} samples/s")
     print(f"bare step:                   {bare:8.1f} samples/s")
-    print(f"full/bare: {full / bare:.2f}, online/precomputed step time: {full / online:.2f}, "
-          f"optimizer+EMA per-tensor ÷ foreach: {ratio:.2f}")  # fmt: skip
+    print(f"full/bare: {full / bare:.2f}, online/precomputed step time: {full / online:.2f}, ", end="")
+    print(f"optimizer+EMA per-tensor ÷ foreach: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 
 from t2i.data.schemas import CAPTIONS, LATENTS, SHAPE_META_KEY, TEXT_EMBEDDINGS
 from t2i.data.store import Artifact
-from t2i.data.train_data import TrainTable, build_train_table, train_table_for
+from t2i.data.train_data import TrainTable, build_train_table
 
 SHAPE = (4, 8, 8)
 DIM = 6
@@ -51,7 +51,7 @@ def _inputs(ws, shards=3, rows=10, rejected=("k0-3", "k2-9"), dtype="bfloat16"):
 def test_rows_join_latents_captions_and_text_by_key(tmp_path):
     latents, captions, text, expected = _inputs(tmp_path)
     table = TrainTable(
-        build_train_table(train_table_for(latents, captions, text), latents, captions, 3, text).root
+        build_train_table(Artifact(tmp_path, "train-data", "t"), latents, captions, 3, text).root
     )
     assert len(table) == 28 and table.latent_shape == SHAPE  # 30 latents, 2 without a caption
     keys = table.column("key", np.arange(len(table)))
@@ -69,26 +69,26 @@ def test_rows_join_latents_captions_and_text_by_key(tmp_path):
 
 def test_a_table_pickles_as_its_path_and_is_built_once(tmp_path):
     latents, captions, _, _ = _inputs(tmp_path)
-    out = train_table_for(latents, captions, None)
+    out = Artifact(tmp_path, "train-data", "t")
     built = build_train_table(out, latents, captions, 3)
     stamp = (built.root / "moments.npy").stat().st_mtime_ns
     assert build_train_table(out, latents, captions, 3).root == built.root
     assert (built.root / "moments.npy").stat().st_mtime_ns == stamp
     table = TrainTable(built.root)
-    assert len(pickle.dumps(table)) < 500  # loader workers reopen the maps
+    assert len(pickle.dumps(table)) < 500  # loader processes reopen the maps
     again = pickle.loads(pickle.dumps(table))
     assert torch.equal(again.moments_of([5])[0], table.moments_of([5])[0])
     assert table.words is None
     with pytest.raises(RuntimeError, match="share no keys"):
         empty = Artifact(tmp_path, "recaption", "none")
         empty.write_shard(0, pa.Table.from_pylist([], schema=CAPTIONS))
-        build_train_table(train_table_for(latents, empty, None), latents, empty, 1)
+        build_train_table(Artifact(tmp_path, "train-data", "no-captions"), latents, empty, 1)
 
 
 def test_two_builders_of_one_table_both_get_it_complete(tmp_path):
     """Two nodes launching the same job build the same table into one shared workspace."""
     latents, captions, text, _ = _inputs(tmp_path)
-    out, results = train_table_for(latents, captions, text), []
+    out, results = Artifact(tmp_path, "train-data", "t"), []
 
     def build():
         results.append(build_train_table(out, latents, captions, 3, text))

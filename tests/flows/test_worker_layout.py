@@ -1,4 +1,4 @@
-"""A machine's GPUs, grouped by one function for every path: the stage workers a flow starts (their test:
+"""A machine's GPUs, grouped by one function for every path: the device processes a flow starts (their test:
 tests/tasks/test_latents.py) and `t2i worker`'s Prefect workers both use the GPUs a scheduler allocated
 (CUDA_VISIBLE_DEVICES), one group each; bad GPU lists fail before anything starts. The GPU count is faked
 (torch.cuda.device_count) on this CPU machine."""
@@ -17,7 +17,7 @@ import torch
 
 from t2i.flows.cli import main
 from t2i.flows.service import worker_commands
-from t2i.tasks.device_workers import gpu_groups
+from t2i.tasks.device_processes import gpu_groups
 
 # The real CLI in a process whose torch reports `n` GPUs (its children, the workers, see the real count: 0).
 WITH_GPUS = "import sys, t2i.models, torch; torch.cuda.device_count = lambda: {n}; from t2i.flows.cli import main; sys.exit(main(sys.argv[1:]))"  # noqa: E501

@@ -10,7 +10,7 @@ workers, CPU threads). Every model is built from a config with random weights an
 nothing is downloaded (HF_HUB_OFFLINE=1). The legs, in the order they run:
 
 (0) imports, before anything is timed: the packages below, everything this script and the `t2i` modules the
-    legs use (`t2i.tasks.train`, `t2i.tasks.text`, `t2i.models.vae`, `t2i.models.sampling`, `t2i.flows.config`,
+    legs use (`t2i.tasks.train`, `t2i.tasks.text`, `t2i.models.vae`, `t2i.models.architectures`, `t2i.flows.config`,
     …) import, and what those import inside functions (read from their source: accelerate, SummaryWriter, PIL,
     diffusers, transformers, …) are imported and the names looked up, versions printed. A missing module stops
     the run within seconds, naming it and who imports it (exit 2).
@@ -37,10 +37,11 @@ nothing is downloaded (HF_HUB_OFFLINE=1). The legs, in the order they run:
         warn_only because no GPU run has yet shown that every op of the loop has a deterministic CUDA kernel:
         one without warns rather than killing the leg, and the ops that warned are printed. (warn_only picks
         the same kernels as warn_only=False except in flash and memory-efficient SDPA, which math excludes.);
-    (c) sampling with `t2i.models.sampling.sample_latents` from the final EMA weights, as `t2i evaluate` calls
+    (c) sampling with `t2i.models.architectures.sample_latents` from the final EMA weights, as `t2i evaluate` calls
         it, decoded with the VAE: the images must be finite;
-    (d) the bare forward/backward/LAMB/EMA step on tensors already on the device (same text lengths and padding
-        mask); MFU from FlopCounterMode's count of one forward+backward against the GPU's bf16 dense peak.
+    (d) the bare step: the real `Trainer.step` (forward/backward, LAMB, clipping, EMA) on the loader's batches
+        taken beforehand and put on the device; MFU from FlopCounterMode's count of one forward+backward
+        against the GPU's bf16 dense peak.
 (4) AutoencoderKL encode images/s (256 px, bf16, through `t2i.models.vae`).
 
 Figures, one line each (`name: value unit (note)`); <m> stands for dit-L and cad-L (dit-tiny and cad-tiny in
@@ -137,8 +138,16 @@ def _prefect_stand_in(force: bool = False) -> bool:
     def get_run_logger():
         raise MissingContextError("no Prefect run context (stand-in)")
 
-    modules = {name: types.ModuleType(name) for name in ("prefect", "prefect.exceptions", "prefect.logging",
-                                                         "prefect.artifacts", "prefect.cache_policies")}  # fmt: skip
+    modules = {
+        name: types.ModuleType(name)
+        for name in (
+            "prefect",
+            "prefect.exceptions",
+            "prefect.logging",
+            "prefect.artifacts",
+            "prefect.cache_policies",
+        )
+    }
     modules["prefect"].task = task
     modules["prefect.cache_policies"].NO_CACHE = None
     modules["prefect.exceptions"].MissingContextError = MissingContextError
@@ -195,10 +204,32 @@ class Sizes:
 
 
 GPU = Sizes()
-SMOKE = Sizes(device="cpu", precision="no", size="tiny", latent=8, tokens=(6, 16), samples=32, shard=16, batch=8,
-              steps=4, log_every=1, workers=0, warmup=1, iters=2, vae_blocks=(8, 16), vae_layers=1, vae_groups=4,
-              vae_batch=4, t5=dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64), t5_batch=4,
-              images=2, sample_steps=3, peak_tflops=1.0, budget_s=None, threads=1)  # fmt: skip
+SMOKE = Sizes(
+    device="cpu",
+    precision="no",
+    size="tiny",
+    latent=8,
+    tokens=(6, 16),
+    samples=32,
+    shard=16,
+    batch=8,
+    steps=4,
+    log_every=1,
+    workers=0,
+    warmup=1,
+    iters=2,
+    vae_blocks=(8, 16),
+    vae_layers=1,
+    vae_groups=4,
+    vae_batch=4,
+    t5=dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64),
+    t5_batch=4,
+    images=2,
+    sample_steps=3,
+    peak_tflops=1.0,
+    budget_s=None,
+    threads=1,
+)
 # threads=1: tiny models gain nothing from a second thread, and on a 2-core runner busy with other jobs torch's
 # two OpenMP threads waiting on each other made the smoke run 110-500 s instead of ~15 s (13-16 s either way idle).
 
@@ -262,9 +293,12 @@ class Report:
     def summary(self) -> None:
         missed = f" (missed: {', '.join(self.missed)})" if self.missed else ""
         failed = f" (failed: {', '.join(self.failed)})" if self.failed else ""
-        print(f"summary: {len(self.passed)} of {len(self.passed) + len(self.failed)} checks passed{failed}, "
-              f"{len(self.met)} of {len(self.met) + len(self.missed)} targets met{missed}, "
-              f"{time.time() - self.t0:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"summary: {len(self.passed)} of {len(self.passed) + len(self.failed)} checks passed{failed}, "
+            f"{len(self.met)} of {len(self.met) + len(self.missed)} targets met{missed}, "
+            f"{time.time() - self.t0:.0f} s",
+            flush=True,
+        )
 
 
 # --- (0) imports, before the clock starts -----------------------------------------------------------------------
@@ -290,11 +324,29 @@ PACKAGES = [  # (distribution, module, names)
 ]
 # The t2i modules the legs use; their imports inside functions are checked too (and so on, for t2i modules).
 T2I_MODULES = (
-    "t2i.flows.config", "t2i.data.schemas", "t2i.data.store", "t2i.data.train_data", "t2i.tasks.train",
-    "t2i.tasks.train_batches", "t2i.tasks.train_job", "t2i.tasks.checkpoints", "t2i.tasks.text",
-    "t2i.tasks.model_cache", "t2i.tasks.shards", "t2i.models.text_encoder", "t2i.models.vae",
-    "t2i.models.sampling", "t2i.models.dit", "t2i.models.cad", "t2i.models.ema", "t2i.models.lamb",
-)  # fmt: skip
+    "t2i.flows.config",
+    "t2i.data.schemas",
+    "t2i.data.store",
+    "t2i.data.train_data",
+    "t2i.tasks.train",
+    "t2i.tasks.train_batches",
+    "t2i.tasks.train_job",
+    "t2i.tasks.checkpoints",
+    "t2i.tasks.text",
+    "t2i.tasks.model_cache",
+    "t2i.tasks.reporting",
+    "t2i.models.text_encoder",
+    "t2i.models.vae",
+    "t2i.models.architectures",
+    "t2i.models.objectives",
+    "t2i.models.latent_norm",
+    "t2i.models.lr_schedule",
+    "t2i.models.loading",
+    "t2i.models.dit",
+    "t2i.models.cad",
+    "t2i.models.ema",
+    "t2i.models.lamb",
+)
 NOT_ON_THE_LEGS = {  # imports inside functions of those modules that no leg of this check reaches
     "t2i.models.captioners": "model_cache's captioners (vLLM)",
     "t2i.data.caption_sets": "model_cache's imported caption sets",
@@ -404,8 +456,11 @@ def import_check(report: Report) -> bool:
     for top, found in sorted(groups.items(), key=lambda item: item[0].lower()):
         if top == "t2i":
             modules = [m for m in names if m.startswith("t2i.")]
-            print(f"  t2i (this checkout): {len(modules)} modules, {sum(len(names[m]) for m in modules)} names "
-                  "ok", flush=True)  # fmt: skip
+            print(
+                f"  t2i (this checkout): {len(modules)} modules, {sum(len(names[m]) for m in modules)} names "
+                "ok",
+                flush=True,
+            )
             continue
         if top == "prefect" and PREFECT_STAND_IN:
             print(f"  prefect (this check's stand-in): {', '.join(sorted(found))} ok", flush=True)
@@ -420,26 +475,41 @@ def import_check(report: Report) -> bool:
             version = getattr(sys.modules.get(top), "__version__", "(version unknown)")
         print(f"  {dist} {version}: {', '.join(sorted(found))} ok", flush=True)
     if skipped:
-        print("  not imported, no leg reaches them: "
-              + "; ".join(f"{m} ({NOT_ON_THE_LEGS[m]})" for m in sorted(skipped)), flush=True)  # fmt: skip
+        print(
+            "  not imported, no leg reaches them: "
+            + "; ".join(f"{m} ({NOT_ON_THE_LEGS[m]})" for m in sorted(skipped)),
+            flush=True,
+        )
     for missing, (error, where) in failures.items():
         label = (
             "MISSING" if error.startswith("ModuleNotFoundError") else "BROKEN"
         )  # absent, or fails to import
         print(f"  {label} {missing}: {error[:300]} (imported by {', '.join(sorted(where))})", flush=True)
     seconds = time.perf_counter() - t0
-    report.check("imports", not failures, len(names), "modules",
-                 f"including what {lazy} imports inside functions of this check and of t2i name; "
-                 f"{seconds:.1f} s, before any timed leg")  # fmt: skip
+    report.check(
+        "imports",
+        not failures,
+        len(names),
+        "modules",
+        f"including what {lazy} imports inside functions of this check and of t2i name; "
+        f"{seconds:.1f} s, before any timed leg",
+    )
     if failures:
         ours = [m for m in failures if m.startswith("t2i.")]
         theirs = [m for m in failures if m not in ours]
-        print(f"gpu-check: stopped before any timed leg, {seconds:.0f} s in: cannot import "
-              f"{', '.join(failures)}; the MISSING / BROKEN lines above say why and who imports it."
-              + (f" {', '.join(theirs)}: install the carried wheels (`pip install --no-index --no-deps *.whl`, "
-                 "see the docstring of tests/gpu/check.py) or what the image lacks." if theirs else "")
-              + (f" {', '.join(ours)}: this checkout's code does not import." if ours else ""),
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"gpu-check: stopped before any timed leg, {seconds:.0f} s in: cannot import "
+            f"{', '.join(failures)}; the MISSING / BROKEN lines above say why and who imports it."
+            + (
+                f" {', '.join(theirs)}: install the carried wheels (`pip install --no-index --no-deps *.whl`, "
+                "see the docstring of tests/gpu/check.py) or what the image lacks."
+                if theirs
+                else ""
+            )
+            + (f" {', '.join(ours)}: this checkout's code does not import." if ours else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     return not failures
 
 
@@ -455,7 +525,7 @@ class Data:
     captions: object
     text: object
     shards: int
-    table_root: Path
+    table: object  # the Artifact where the train table joining latents, captions and text is built
     texts: list[str]  # every caption, in key order
     lengths: list[int]  # its T5 tokens, `</s>` included
 
@@ -470,7 +540,6 @@ def make_dataset(ws: Path, s: Sizes) -> Data:
 
     from t2i.data.schemas import CAPTIONS, LATENTS, SHAPE_META_KEY, TEXT_EMBEDDINGS
     from t2i.data.store import Artifact
-    from t2i.data.train_data import train_table_for
 
     rng, shape = np.random.default_rng(0), (4, s.latent, s.latent)
     lengths = [int(n) for n in rng.integers(s.tokens[0], s.tokens[1] + 1, s.samples)]
@@ -482,24 +551,52 @@ def make_dataset(ws: Path, s: Sizes) -> Data:
         keys, n = [f"k{j}" for j in rows], [lengths[j] for j in rows]
         mean = rng.standard_normal((len(keys), *shape)).astype(np.float16)
         std = (0.1 + 0.05 * rng.random((len(keys), *shape))).astype(np.float16)
-        latents.write_shard(i, pa.Table.from_pydict(
-            {"key": keys, "mean": [m.tobytes() for m in mean], "std": [d.tobytes() for d in std]}, schema=LATENTS,
-        ).replace_schema_metadata({SHAPE_META_KEY: json.dumps(list(shape)).encode()}))  # fmt: skip
-        captions.write_shard(i, pa.Table.from_pylist(
-            [{"key": k, "caption": texts[j], "model": "gpu-check", "tokens": lengths[j], "finish_reason": "stop"}
-             for k, j in zip(keys, rows, strict=True)], schema=CAPTIONS))  # fmt: skip
+        latents.write_shard(
+            i,
+            pa.Table.from_pydict(
+                {"key": keys, "mean": [m.tobytes() for m in mean], "std": [d.tobytes() for d in std]},
+                schema=LATENTS,
+            ).replace_schema_metadata({SHAPE_META_KEY: json.dumps(list(shape)).encode()}),
+        )
+        captions.write_shard(
+            i,
+            pa.Table.from_pylist(
+                [
+                    {
+                        "key": k,
+                        "caption": texts[j],
+                        "model": "gpu-check",
+                        "tokens": lengths[j],
+                        "finish_reason": "stop",
+                    }
+                    for k, j in zip(keys, rows, strict=True)
+                ],
+                schema=CAPTIONS,
+            ),
+        )
         emb = torch.randn(sum(n), s.text_dim, generator=torch.Generator().manual_seed(i))
         words = emb.to(torch.bfloat16).view(torch.uint8).numpy()
         ends = np.cumsum(n)
-        text.write_shard(i, pa.Table.from_pydict(
-            {"key": keys, "embedding": [words[e - k:e].tobytes() for e, k in zip(ends, n, strict=True)],
-             "tokens": n}, schema=TEXT_EMBEDDINGS))  # fmt: skip
+        text.write_shard(
+            i,
+            pa.Table.from_pydict(
+                {
+                    "key": keys,
+                    "embedding": [words[e - k : e].tobytes() for e, k in zip(ends, n, strict=True)],
+                    "tokens": n,
+                },
+                schema=TEXT_EMBEDDINGS,
+            ),
+        )
     null = torch.randn(1, s.text_dim).to(torch.bfloat16).float().tolist()
-    text.write_manifest(config={}, inputs={}, started=time.time(),
-                        extra={"dim": s.text_dim, "dtype": "bfloat16", "null_embedding": null})  # fmt: skip
-    return Data(
-        latents, captions, text, shards, train_table_for(latents, captions, text).root, texts, lengths
+    text.write_manifest(
+        config={},
+        inputs={},
+        started=time.time(),
+        extra={"dim": s.text_dim, "dtype": "bfloat16", "null_embedding": null},
     )
+    table = Artifact(ws, "train-data", "gpu-check")
+    return Data(latents, captions, text, shards, table, texts, lengths)
 
 
 def save_vae(ws: Path, s: Sizes) -> str:
@@ -508,9 +605,17 @@ def save_vae(ws: Path, s: Sizes) -> str:
     from diffusers import AutoencoderKL
 
     n = len(s.vae_blocks)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s.vae_blocks,
-                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                        layers_per_block=s.vae_layers, norm_num_groups=s.vae_groups, sample_size=s.pixels)  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=s.vae_blocks,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=s.vae_layers,
+        norm_num_groups=s.vae_groups,
+        sample_size=s.pixels,
+    )
     vae.save_pretrained(ws / "vae")
     return str(ws / "vae")
 
@@ -530,10 +635,12 @@ def save_t5(ws: Path, s: Sizes) -> str:
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": 3 + i for i in range(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])  # fmt: skip
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                            model_max_length=512).save_pretrained(out)  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=512
+    ).save_pretrained(out)
     config = T5Config(vocab_size=T5_VOCAB, feed_forward_proj="gated-gelu", is_encoder_decoder=False, **s.t5)
     with torch.device(s.device):
         model = T5EncoderModel(config).float()
@@ -560,9 +667,13 @@ def t5_figures(report: Report, s: Sizes, ws: Path, data: Data, text_cfg) -> None
     synchronize(s.device)
     seconds, model = time.perf_counter() - t0, encoder.model
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    report.line("t5 load", seconds, "s",
-                f"t2i.tasks.text.load_encoder → TextEncoder → T5EncoderModel.from_pretrained(dtype={text_cfg.dtype}) "
-                f"of the float32 save, flan-t5-xl layout ({params:.0f}M), onto {s.device}")  # fmt: skip
+    report.line(
+        "t5 load",
+        seconds,
+        "s",
+        f"t2i.tasks.text.load_encoder → TextEncoder → T5EncoderModel.from_pretrained(dtype={text_cfg.dtype}) "
+        f"of the float32 save, flan-t5-xl layout ({params:.0f}M), onto {s.device}",
+    )
 
     def dtype_names(tensors) -> str:
         return "+".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors})) or "none"
@@ -571,19 +682,29 @@ def t5_figures(report: Report, s: Sizes, ws: Path, data: Data, text_cfg) -> None
     others = [p for n, p in model.named_parameters() if ".wo." not in n]
     keep = getattr(model, "_keep_in_fp32_modules", None)
     strict = getattr(model, "_keep_in_fp32_modules_strict", None)
-    why = (f"transformers {transformers.__version__}: _keep_in_fp32_modules {sorted(keep or [])}, "
-           f"_keep_in_fp32_modules_strict {sorted(strict or [])}")  # fmt: skip
+    why = (
+        f"transformers {transformers.__version__}: _keep_in_fp32_modules {sorted(keep or [])}, "
+        f"_keep_in_fp32_modules_strict {sorted(strict or [])}"
+    )
     if dtype_names(wo) != text_cfg.dtype:
         why += f"; wo not in the requested {text_cfg.dtype}"
-    report.line("t5 wo dtype", dtype_names(wo), "",
-                f"{len(wo)} feed-forward output projections; all other weights {dtype_names(others)}; {why}")  # fmt: skip
+    report.line(
+        "t5 wo dtype",
+        dtype_names(wo),
+        "",
+        f"{len(wo)} feed-forward output projections; all other weights {dtype_names(others)}; {why}",
+    )
 
     batch = data.texts[: s.t5_batch]
     tokens = sum(data.lengths[: s.t5_batch])
     seconds = timed(lambda _: encoder.encode(batch), s)
-    report.line("t5 encode", tokens * s.iters / seconds, "tokens/s",
-                f"TextEncoder.encode of {len(batch)} data-set captions, {s.tokens[0]}–{s.tokens[1]} tokens padded "
-                f"to the longest, real tokens counted, {text_cfg.dtype}, wo {dtype_names(wo)}")  # fmt: skip
+    report.line(
+        "t5 encode",
+        tokens * s.iters / seconds,
+        "tokens/s",
+        f"TextEncoder.encode of {len(batch)} data-set captions, {s.tokens[0]}–{s.tokens[1]} tokens padded "
+        f"to the longest, real tokens counted, {text_cfg.dtype}, wo {dtype_names(wo)}",
+    )
 
 
 # --- (3) training runs ----------------------------------------------------------------------------------------------
@@ -595,9 +716,19 @@ def configs(ws: Path, s: Sizes, model: str, encoder: str | None = None):
     previews only at the last step of a run."""
     from t2i.flows.config import load_config
 
-    sets = {"model": model, "size": s.size, "batch_size": s.batch, "steps": s.steps, "log_every": s.log_every,
-            "checkpoint_every": 10 * s.steps, "sample_every": 10 * s.steps, "sample_prompts": s.images,
-            "loader_workers": s.workers, "mixed_precision": s.precision, "device": s.device}  # fmt: skip
+    sets = {
+        "model": model,
+        "size": s.size,
+        "batch_size": s.batch,
+        "steps": s.steps,
+        "log_every": s.log_every,
+        "checkpoint_every": 10 * s.steps,
+        "sample_every": 10 * s.steps,
+        "sample_prompts": s.images,
+        "loader_workers": s.workers,
+        "mixed_precision": s.precision,
+        "device": s.device,
+    }
     overrides = [f"train.{k}={json.dumps(v)}" for k, v in sets.items()]  # JSON is YAML: "no" stays a string
     overrides += ["text.dtype=bfloat16"]
     if encoder is None:
@@ -640,9 +771,19 @@ def run_training(ws: Path, name: str, train_cfg, text_cfg, data: Data, stop_afte
     logger.addHandler(capture)
     artifact = Artifact(ws, "train", name)
     try:
-        job = TrainJob(train=train_cfg, text=text_cfg, checkpoints=artifact, latents=data.latents,
-                       captions=data.captions, num_shards=data.shards, latent_norm=train_cfg.scale_factor,
-                       vae_path=vae_path, text_embeddings=(data.text,), stop_after=stop_after)  # fmt: skip
+        job = TrainJob(
+            train=train_cfg,
+            text=text_cfg,
+            checkpoints=artifact,
+            latents=data.latents,
+            captions=data.captions,
+            num_shards=data.shards,
+            latent_norm=train_cfg.scale_factor,
+            vae_path=vae_path,
+            text_embeddings=(data.text,),
+            train_tables=(data.table,),
+            stop_after=stop_after,
+        )
         result = train_denoiser.fn(job)
     finally:
         logger.removeHandler(capture)
@@ -691,10 +832,16 @@ def deterministic_kernels(warned: dict[str, int]):
     try:
         with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            backends = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
-                                              ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
-                                              ("cuDNN", torch.backends.cuda.cudnn_sdp_enabled()),
-                                              ("math", torch.backends.cuda.math_sdp_enabled())) if on]  # fmt: skip
+            backends = [
+                name
+                for name, on in (
+                    ("flash", torch.backends.cuda.flash_sdp_enabled()),
+                    ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                    ("cuDNN", torch.backends.cuda.cudnn_sdp_enabled()),
+                    ("math", torch.backends.cuda.math_sdp_enabled()),
+                )
+                if on
+            ]
             try:
                 yield backends
             finally:
@@ -715,8 +862,12 @@ def state_difference(root_a: Path, root_b: Path, step: int) -> float:
     import torch
 
     def weights(root: Path):
-        state = torch.load(root / "checkpoints" / f"step-{step:08d}" / "state.pt", map_location="cpu",
-                           weights_only=True, mmap=True)  # fmt: skip
+        state = torch.load(
+            root / "checkpoints" / f"step-{step:08d}" / "state.pt",
+            map_location="cpu",
+            weights_only=True,
+            mmap=True,
+        )
         return {**{f"model.{k}": v for k, v in state["model"].items()}, **state["ema"]["shadow"]}
 
     a, b = weights(root_a), weights(root_b)
@@ -737,25 +888,44 @@ def resume_check(report: Report, s: Sizes, ws: Path, data: Data, name: str, trai
         _, _, straight = run_training(ws, f"{name}-straight", train_cfg, text_cfg, data, vae_path=vae_path)
     kernels = f"deterministic algorithms (warn_only), cuDNN deterministic, SDPA {'+'.join(backends)} only"
     resumed_at = any(f"resuming from step-{half:08d}" in m for m in log.messages)
-    report.check(f"{name} resume", resumed_at and result["step"] == s.steps, half if resumed_at else "no", "step",
-                 f"resumed at step {half} and finished at {result['step']} of {s.steps}")  # fmt: skip
+    report.check(
+        f"{name} resume",
+        resumed_at and result["step"] == s.steps,
+        half if resumed_at else "no",
+        "step",
+        f"resumed at step {half} and finished at {result['step']} of {s.steps}",
+    )
     delta = state_difference(resumed, straight, s.steps)
-    report.check(f"{name} resume max|Δw|", delta == 0.0, delta, "",
-                 f"raw + EMA weights at step {s.steps} vs an uninterrupted run; {kernels}; "
-                 "target 0 = bitwise equal")  # fmt: skip
+    report.check(
+        f"{name} resume max|Δw|",
+        delta == 0.0,
+        delta,
+        "",
+        f"raw + EMA weights at step {s.steps} vs an uninterrupted run; {kernels}; target 0 = bitwise equal",
+    )
     ops = ", ".join(f"{op} ×{n}" for op, n in sorted(warned.items()))
-    report.line(f"{name} resume nondeterministic ops", len(warned), "ops",
-                ops or "none warned under torch.use_deterministic_algorithms(True, warn_only=True) in the 3 runs")  # fmt: skip
+    report.line(
+        f"{name} resume nondeterministic ops",
+        len(warned),
+        "ops",
+        ops or "none warned under torch.use_deterministic_algorithms(True, warn_only=True) in the 3 runs",
+    )
     report.line(f"{name} train (resumed leg)", log.steady_rate(), "samples/s", kernels)
     preview = sorted((straight / "samples").glob("*.png")) if (straight / "samples").is_dir() else []
-    report.check(f"{name} training preview", bool(preview), len(preview), "grid",
-                 f"SamplePreview at step {s.steps} from the saved VAE")  # fmt: skip
+    report.check(
+        f"{name} training preview",
+        bool(preview),
+        len(preview),
+        "grid",
+        f"SamplePreview at step {s.steps} from the saved VAE",
+    )
     shutil.rmtree(resumed, ignore_errors=True)
     return straight
 
 
-def online_figures(report: Report, s: Sizes, ws: Path, data: Data, name: str, model: str, t5_path: str,
-                   precomputed: float) -> None:  # fmt: skip
+def online_figures(
+    report: Report, s: Sizes, ws: Path, data: Data, name: str, model: str, t5_path: str, precomputed: float
+) -> None:
     """(3a), online: the full loop with text.mode=online, the T5 encoding each batch's kept captions inside the
     step (loaded by the leg through the model cache, which holds it since `t5 load`); then the cache is
     released."""
@@ -772,12 +942,20 @@ def online_figures(report: Report, s: Sizes, ws: Path, data: Data, name: str, mo
     finally:
         model_cache.release_models()
         free_memory()
-    report.line(f"{name} full loop online text", online, "samples/s",
-                f"text.mode online: {text_cfg.dtype} T5 encodes each batch's captions ({s.tokens[0]}–{s.tokens[1]} "
-                f"tokens) in the step; {cached}; otherwise as the full loop")  # fmt: skip
+    report.line(
+        f"{name} full loop online text",
+        online,
+        "samples/s",
+        f"text.mode online: {text_cfg.dtype} T5 encodes each batch's captions ({s.tokens[0]}–{s.tokens[1]} "
+        f"tokens) in the step; {cached}; otherwise as the full loop",
+    )
     extra = s.batch / online - s.batch / precomputed
-    report.line(f"{name} online/precomputed step time", precomputed / online, "x",
-                f"full-loop step time, online text ÷ stored embeddings; T5 adds {extra:.3g} s a step")  # fmt: skip
+    report.line(
+        f"{name} online/precomputed step time",
+        precomputed / online,
+        "x",
+        f"full-loop step time, online text ÷ stored embeddings; T5 adds {extra:.3g} s a step",
+    )
 
 
 # --- (3d) the bare step and its FLOPs -----------------------------------------------------------------------------
@@ -802,50 +980,46 @@ def timed(fn, s: Sizes) -> float:
     return time.perf_counter() - t0
 
 
-def bare_step(s: Sizes, train_cfg) -> tuple[float, float]:
-    """(samples/s, FLOPs of one forward+backward) of the training step without the loop around it: the same
-    model, LAMB, clipping and EMA (and CAD-I's self-conditioning coin) on tensors already on the device, text of
-    the data set's lengths padded to the longest with its mask, as the loader pads it. The FLOPs are the
-    model's (one forward and backward, no self-conditioning pass), counted by FlopCounterMode."""
+def bare_step(s: Sizes, ws: Path, name: str, train_cfg, text_cfg, data: Data) -> tuple[float, float]:
+    """(samples/s, FLOPs of one forward+backward) of the training step without the loop around it: the real
+    `Trainer.step` of a fresh run (`open_run`: the model, LAMB, clipping, the schedule, EMA, CAD-I's
+    self-conditioning coin) on the loader's batches of the first steps, taken beforehand and put on the
+    device, so no step waits for the loader. The FLOPs are the model's, one forward and backward (the counted
+    step takes no self-conditioning pass), counted by FlopCounterMode."""
+    import itertools
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from t2i.models.cad import self_conditioned_forward
-    from t2i.models.ema import EMA
-    from t2i.tasks.train import build_denoiser, make_optimizer, objective_for
-    from t2i.tasks.train_batches import SHARED_STREAM, step_generator
+    from t2i.data.store import Artifact
+    from t2i.tasks.train import open_run
+    from t2i.tasks.train_job import TrainJob
 
-    cfg, dev = train_cfg, torch.device(s.device)
-    torch.manual_seed(cfg.seed)
-    model = build_denoiser(cfg.model, cfg.size, latent_channels=4, latent_size=s.latent, text_dim=s.text_dim,
-                           patch_size=cfg.patch_size).to(dev)  # fmt: skip
-    optimizer, ema, objective = make_optimizer(model, cfg), EMA(model, cfg.ema_decay), objective_for(cfg)
-    z, eps = (torch.randn(s.batch, 4, s.latent, s.latent, device=dev) for _ in range(2))
-    lengths = torch.randint(s.tokens[0], s.tokens[1] + 1, (s.batch, 1))
-    mask = (torch.arange(int(lengths.max()))[None] < lengths).to(dev)
-    text = torch.randn(*mask.shape, s.text_dim, device=dev) * mask[..., None]
-    t = objective.sample_t(s.batch).to(dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
-
-    def denoiser(step: int):
-        if cfg.model != "cad" or cfg.self_condition == 0:
-            return model
-        shared = step_generator(cfg.seed, step, SHARED_STREAM)
-        return lambda *a: self_conditioned_forward(model, *a, cfg.self_condition, generator=shared)
-
-    def step(i: int, fn=None) -> None:
-        with autocast:
-            loss, _ = objective.loss(fn or denoiser(i), z, text, mask, t=t, eps=eps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
-
+    cfg = train_cfg.model_copy(update={"loader_workers": 0})  # the batches are taken before the clock starts
+    job = TrainJob(
+        train=cfg,
+        text=text_cfg,
+        checkpoints=Artifact(ws, "train", f"{name}-bare"),
+        latents=data.latents,
+        captions=data.captions,
+        num_shards=data.shards,
+        latent_norm=cfg.scale_factor,
+        text_embeddings=(data.text,),
+        train_tables=(data.table,),
+        stop_after=s.warmup + s.iters + 1,
+    )
+    run = open_run(job, logging.getLogger("t2i"))
+    trainer, device = run.trainer, run.trainer.accelerator.device
+    micro = [
+        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for batch in run.batches
+    ]
+    one_pass = [{**b, "self_condition": False} if "self_condition" in b else b for b in micro]
     counter = FlopCounterMode(display=False)
     with counter:
-        step(0, fn=model)
-    seconds = timed(step, s)
+        trainer.step(0, iter(one_pass[: cfg.grad_accumulation]))
+    batches = itertools.cycle(micro)
+    seconds = timed(lambda i: trainer.step(1 + i, batches), s)
     return s.batch * s.iters / seconds, float(counter.get_total_flops())
 
 
@@ -865,15 +1039,20 @@ def peak_tflops(s: Sizes, override: float | None) -> tuple[float, str]:
     return float("nan"), f"{name}: peak unknown, pass --peak-tflops"
 
 
-def denoiser_figures(report: Report, s: Sizes, ws: Path, data: Data, model: str, peak, vae_path: str,
-                     t5_path: str) -> None:  # fmt: skip
+def denoiser_figures(
+    report: Report, s: Sizes, ws: Path, data: Data, model: str, peak, vae_path: str, t5_path: str
+) -> None:
     """(3) for one denoiser."""
     name = f"{model}-{s.size}"
     train_cfg, text_cfg = configs(ws, s, model)
     full = full_loop_rate(ws, s, f"{name}-timed", train_cfg, text_cfg, data)
-    report.line(f"{name} full loop", full, "samples/s",
-                f"text.mode precomputed, batch {s.batch}, steps {s.log_every + 1}-{s.steps} of a fresh run, "
-                f"{s.workers} loader workers")  # fmt: skip
+    report.line(
+        f"{name} full loop",
+        full,
+        "samples/s",
+        f"text.mode precomputed, batch {s.batch}, steps {s.log_every + 1}-{s.steps} of a fresh run, "
+        f"{s.workers} loader workers",
+    )
     if model in s.online:
         with report.leg(f"{name} online-text leg (in {name})"):
             figures = [f"{name} full loop online text", f"{name} online/precomputed step time"]
@@ -882,13 +1061,17 @@ def denoiser_figures(report: Report, s: Sizes, ws: Path, data: Data, model: str,
     sample_check(report, s, name, straight, vae_path, data)
     free_memory()
     shutil.rmtree(straight, ignore_errors=True)
-    bare, flops = bare_step(s, train_cfg)
+    bare, flops = bare_step(s, ws, name, train_cfg, text_cfg, data)
     free_memory()
-    report.line(f"{name} bare step", bare, "samples/s", "model + LAMB + clip + EMA on device tensors")
+    report.line(
+        f"{name} bare step", bare, "samples/s", "Trainer.step on the loader's batches, already on the device"
+    )
     report.target(f"{name} full/bare", full / bare, "x", 0.9)
     mfu = 100 * flops * bare / s.batch / (peak[0] * 1e12)
-    note = (f"{flops / 1e12:.3g} TFLOP per fwd+bwd of {s.batch}, bare step, peak {peak[0]:g} TFLOP/s ({peak[1]}); "
-            f"full loop {mfu * full / bare:.3g} %")  # fmt: skip
+    note = (
+        f"{flops / 1e12:.3g} TFLOP per fwd+bwd of {s.batch}, bare step, peak {peak[0]:g} TFLOP/s ({peak[1]}); "
+        f"full loop {mfu * full / bare:.3g} %"
+    )
     if model == "dit":
         report.target(f"{name} MFU", mfu, "%", 40, note)
     else:
@@ -905,24 +1088,35 @@ def sample_check(report: Report, s: Sizes, name: str, root: Path, vae_path: str,
     import numpy as np
     import torch
 
-    from t2i.data.train_data import TrainTable, pad_rows
-    from t2i.models.sampling import sample_latents
+    from t2i.data.train_data import TrainTable, collate_text_rows
+    from t2i.models.architectures import sample_latents
+    from t2i.models.latent_norm import to_vae_latents
+    from t2i.models.loading import load_final
     from t2i.models.vae import decode_latents, load_vae
-    from t2i.tasks.checkpoints import load_final
-    from t2i.tasks.train import to_vae_latents
     from t2i.tasks.train_batches import step_generator
 
     model, meta = load_final(root, device=s.device)
     vae = load_vae(vae_path, device=s.device, dtype="float32")
-    table = TrainTable(data.table_root)
-    text, mask = pad_rows(table.embeddings_of(np.arange(s.images)))
+    table = TrainTable(data.table.root)
+    text, mask = collate_text_rows(table.embeddings_of(np.arange(s.images)))
     text, mask = text.float().to(s.device), mask.to(s.device)
     null = table.null_embedding().float()[None].to(s.device)
     null_mask = torch.ones(null.shape[:2], dtype=torch.bool, device=s.device)
 
     def sample(generator):
-        return sample_latents(meta["objective"], "auto", model, (s.images, *meta["latent_shape"]), text, mask,
-                              null, null_mask, steps=s.sample_steps, guidance_scale=4.0, generator=generator)  # fmt: skip
+        return sample_latents(
+            meta["objective"],
+            "auto",
+            model,
+            (s.images, *meta["latent_shape"]),
+            text,
+            mask,
+            null,
+            null_mask,
+            steps=s.sample_steps,
+            guidance_scale=4.0,
+            generator=generator,
+        )
 
     note = f"{meta['objective']} sampler, {s.sample_steps} steps, guidance 4, decoded at {s.pixels} px"
     try:
@@ -935,8 +1129,13 @@ def sample_check(report: Report, s: Sizes, name: str, root: Path, vae_path: str,
         pixels = vae.decode(latents).sample
     finite = int((torch.isfinite(z).flatten(1).all(1) & torch.isfinite(pixels).flatten(1).all(1)).sum())
     images = decode_latents(vae, latents)  # the uint8 images evaluate writes
-    report.check(f"{name} sample", finite == s.images and evaluate_generator and images.shape[0] == s.images,
-                 finite, f"of {s.images} images finite", note)  # fmt: skip
+    report.check(
+        f"{name} sample",
+        finite == s.images and evaluate_generator and images.shape[0] == s.images,
+        finite,
+        f"of {s.images} images finite",
+        note,
+    )
 
 
 def vae_figure(report: Report, s: Sizes, vae_path: str) -> None:
@@ -949,8 +1148,12 @@ def vae_figure(report: Report, s: Sizes, vae_path: str) -> None:
     vae = load_vae(vae_path, device=s.device, dtype=dtype)
     images = np.random.default_rng(0).uniform(-1, 1, (s.vae_batch, 3, s.pixels, s.pixels)).astype(np.float32)
     seconds = timed(lambda _: encode_moments(vae, images), s)
-    report.line("vae encode", s.vae_batch * s.iters / seconds, "images/s",
-                f"sd-vae-ft-ema layout, random weights, {s.pixels} px, {dtype}, batch {s.vae_batch}")  # fmt: skip
+    report.line(
+        "vae encode",
+        s.vae_batch * s.iters / seconds,
+        "images/s",
+        f"sd-vae-ft-ema layout, random weights, {s.pixels} px, {dtype}, batch {s.vae_batch}",
+    )
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -974,8 +1177,11 @@ def loader_workers(s: Sizes) -> int:
     need = s.workers * 4 * s.batch * s.tokens[1] * s.text_dim * 4 * 2
     free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
     if s.workers and free < need:
-        print(f"  loader: /dev/shm has {free / 2**30:.1f} GiB free, {s.workers} workers need ~{need / 2**30:.1f}: "
-              "training loads in-process (0 workers)", flush=True)  # fmt: skip
+        print(
+            f"  loader: /dev/shm has {free / 2**30:.1f} GiB free, {s.workers} workers need ~{need / 2**30:.1f}: "
+            "training loads in-process (0 workers)",
+            flush=True,
+        )
         return 0
     return s.workers
 
@@ -988,8 +1194,10 @@ def describe(s: Sizes, peak) -> str:
         if s.device.startswith("cuda")
         else f"cpu, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
     )
-    return (f"{where}; torch {torch.__version__}; {s.precision} mixed precision; peak {peak[0]:g} TFLOP/s "
-            f"({peak[1]}); prefect {'stand-in' if PREFECT_STAND_IN else 'installed'}; {s.workers} loader workers")  # fmt: skip
+    return (
+        f"{where}; torch {torch.__version__}; {s.precision} mixed precision; peak {peak[0]:g} TFLOP/s "
+        f"({peak[1]}); prefect {'stand-in' if PREFECT_STAND_IN else 'installed'}; {s.workers} loader workers"
+    )
 
 
 def main(argv=None) -> int:
@@ -1021,9 +1229,13 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             data, vae_path, t5_path = make_dataset(ws, s), save_vae(ws, s), save_t5(ws, s)
             seconds = time.perf_counter() - t0
-            report.line("data", s.samples, "samples",
-                        f"latents 4×{s.latent}×{s.latent}, captions of {s.tokens[0]}–{s.tokens[1]} T5 tokens, "
-                        f"stored text {s.text_dim} wide in bfloat16; VAE and T5 saved; {seconds:.1f} s")  # fmt: skip
+            report.line(
+                "data",
+                s.samples,
+                "samples",
+                f"latents 4×{s.latent}×{s.latent}, captions of {s.tokens[0]}–{s.tokens[1]} T5 tokens, "
+                f"stored text {s.text_dim} wide in bfloat16; VAE and T5 saved; {seconds:.1f} s",
+            )
         with report.leg("t5"):
             text_cfg = configs(ws, s, "dit", t5_path)[1]
             report.guarded(["t5 load", "t5 wo dtype", "t5 encode"], t5_figures, report, s, ws, data, text_cfg)

@@ -2,6 +2,7 @@
 spent on a typo. Runs it as `make gpu-check` would (a subprocess), offline."""
 
 import ast
+import importlib.util
 import math
 import os
 import re
@@ -14,12 +15,27 @@ CHECK = Path(__file__).with_name("check.py")
 # Every figure a run prints, named as the check's docstring names them: <m> is each denoiser (dit-tiny and
 # cad-tiny here), [dit] marks those DiT-I alone has. A renamed, missing or unlisted figure fails the test.
 FIGURES = [
-    "imports", "device", "data", "t5 load", "t5 wo dtype", "t5 encode",
-    "<m> full loop", "[dit] <m> full loop online text", "[dit] <m> online/precomputed step time",
-    "<m> resume", "<m> resume max|Δw|", "<m> resume nondeterministic ops", "<m> train (resumed leg)",
-    "<m> training preview", "<m> sample", "<m> bare step", "<m> full/bare", "<m> MFU",
-    "vae encode", "wall time",
-]  # fmt: skip
+    "imports",
+    "device",
+    "data",
+    "t5 load",
+    "t5 wo dtype",
+    "t5 encode",
+    "<m> full loop",
+    "[dit] <m> full loop online text",
+    "[dit] <m> online/precomputed step time",
+    "<m> resume",
+    "<m> resume max|Δw|",
+    "<m> resume nondeterministic ops",
+    "<m> train (resumed leg)",
+    "<m> training preview",
+    "<m> sample",
+    "<m> bare step",
+    "<m> full/bare",
+    "<m> MFU",
+    "vae encode",
+    "wall time",
+]
 WORDS = {"device", "t5 wo dtype"}  # figures whose value is a word, not a number
 MODELS = ("dit-tiny", "cad-tiny")
 
@@ -35,8 +51,14 @@ def expected_names() -> list[str]:
 
 def run_check(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TMPDIR": str(tmp_path), **env}
-    return subprocess.run([sys.executable, str(CHECK), "--smoke"], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=CHECK.parents[2])  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(CHECK), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=CHECK.parents[2],
+    )
 
 
 def test_the_docstring_names_every_figure():
@@ -80,3 +102,27 @@ def test_a_missing_module_stops_the_check_before_any_leg(tmp_path):
     assert "imports: " in proc.stdout and "FAILED" in proc.stdout
     assert "data: " not in proc.stdout and "device: " not in proc.stdout
     assert time.monotonic() - t0 < 120  # seconds on a GPU machine; generous for a loaded 2-core runner
+
+
+def test_the_bare_step_times_the_training_step(tmp_path, monkeypatch):
+    """The bare step is `Trainer.step` itself (the counted step, the warm-up and the timed ones), not a copy of
+    it: here in this process, at the smoke run's sizes, with the installed prefect."""
+    from t2i.tasks.train import Trainer
+
+    monkeypatch.setenv("T2I_CHECK_WITH_PREFECT", "1")
+    spec = importlib.util.spec_from_file_location("gpu_check", CHECK)
+    check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", check)
+    spec.loader.exec_module(check)
+    steps, training_step = [], Trainer.step
+
+    def counted_step(trainer, step, batches):
+        steps.append(step)
+        return training_step(trainer, step, batches)
+
+    monkeypatch.setattr(Trainer, "step", counted_step)
+    s = check.SMOKE
+    data = check.make_dataset(tmp_path, s)
+    train_cfg, text_cfg = check.configs(tmp_path, s, "dit")
+    rate, flops = check.bare_step(s, tmp_path, "dit-tiny", train_cfg, text_cfg, data)
+    assert len(steps) == 1 + s.warmup + s.iters and rate > 0 and flops > 0

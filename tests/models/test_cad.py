@@ -289,7 +289,8 @@ def test_config_and_size_validation():
 @pytest.mark.parametrize(("objective", "sampler"), [("epsilon", "ddim"), ("rectified_flow", "euler")])
 def test_sampling_feeds_each_steps_latents_back(small_random, objective, sampler):
     """What CAD-I trained with 90% of the time: every step after the first sees the previous step's latents."""
-    from t2i.models.sampling import SAMPLERS, sample_latents
+    from t2i.models.architectures import sample_latents
+    from t2i.models.objectives import objective as make_objective
 
     _, _, text, mask = inputs()
     null_text, null_mask = torch.zeros(1, 1, TEXT_DIM), torch.ones(1, 1, dtype=torch.bool)
@@ -300,8 +301,9 @@ def test_sampling_feeds_each_steps_latents_back(small_random, objective, sampler
         calls.append((call_kwargs.get("latents_prev"), output[1].detach().clone()))
 
     def run():
-        return sample_latents(objective, sampler, small_random, shape, text, mask, null_text, null_mask,
-                              generator=torch.Generator().manual_seed(0), **kwargs)  # fmt: skip
+        generator = torch.Generator().manual_seed(0)
+        args = (small_random, shape, text, mask, null_text, null_mask)
+        return sample_latents(objective, sampler, *args, generator=generator, **kwargs)
 
     handle = small_random.register_forward_hook(record, with_kwargs=True)
     try:
@@ -311,7 +313,9 @@ def test_sampling_feeds_each_steps_latents_back(small_random, objective, sampler
     assert len(calls) == 4 and calls[0][0] is None
     for (_, returned), (fed, _) in zip(calls[:-1], calls[1:], strict=True):
         assert torch.equal(fed, returned)  # the doubled guidance batch included
-    plain = SAMPLERS[objective][sampler](small_random, shape, text, mask, null_text, null_mask,
-                                         generator=torch.Generator().manual_seed(0), **kwargs)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    plain = make_objective(objective, sampler).sample(
+        small_random, shape, text, mask, null_text, null_mask, generator=generator, **kwargs
+    )
     assert not torch.allclose(z, plain, atol=1e-4)
     assert torch.equal(run(), z)  # each run starts again from no latents

@@ -6,12 +6,11 @@ from t2i.models.conditioning import (
     bucket_length,
     cfg_dropout_mask,
     cutmix_gate,
-    pad_text,
     random_latent_crop,
-    swap_in,
     text_buckets,
     trim_padding,
 )
+from t2i.models.objectives import pad_text
 
 N = 100_000
 
@@ -100,42 +99,6 @@ def test_cutmix_gate_never_swaps_at_low_noise_and_honours_its_arguments():
 
 
 # --- swapping in composites --------------------------------------------------------------------------
-
-
-def test_swap_in_swaps_latent_text_and_mask_together():
-    batch = 6
-    plain_latent = torch.zeros(batch, 4, 8, 8) + torch.arange(batch).view(-1, 1, 1, 1)
-    comp_latent = -1.0 - torch.arange(batch).view(-1, 1, 1, 1) + torch.zeros(batch, 4, 8, 8)
-    plain_text, plain_mask = text_batch(batch, 4, lengths=[4, 2, 3, 1, 4, 2], seed=1)
-    comp_text, comp_mask = text_batch(batch, 7, lengths=[7, 5, 1, 6, 3, 2], seed=2)
-    plain_text, comp_text = (
-        plain_text.abs() + 0.1 * plain_mask[..., None],
-        -comp_text.abs() - 0.1 * comp_mask[..., None],
-    )
-    gate = torch.tensor([True, False, True, True, False, False])
-    latent, text, mask = swap_in(
-        plain_latent, plain_text, plain_mask, comp_latent, comp_text, comp_mask, gate
-    )
-    assert latent.shape == plain_latent.shape and text.shape == (batch, 7, 8) and mask.shape == (batch, 7)
-    for row in range(batch):
-        from_comp = bool(gate[row])
-        # Latent and text come from the same source: composite latents and tokens are negative.
-        assert (latent[row] < 0).all() == from_comp
-        real = text[row][mask[row]]
-        assert len(real) and ((real < 0).all() if from_comp else (real > 0).all())
-        source_text, source_mask = (comp_text, comp_mask) if from_comp else (plain_text, plain_mask)
-        length = int(source_mask[row].sum())
-        assert mask[row].tolist() == [True] * length + [False] * (7 - length)
-        torch.testing.assert_close(text[row, :length], source_text[row, :length])
-        assert (text[row, length:] == 0).all()
-
-
-def test_swap_in_with_no_gate_is_the_plain_batch():
-    latent = torch.randn(3, 4, 8, 8)
-    text, mask = text_batch(3, 5, lengths=[5, 2, 3])
-    comp_text, comp_mask = text_batch(3, 5, seed=3)
-    out = swap_in(latent, text, mask, latent + 1, comp_text, comp_mask, torch.zeros(3, dtype=torch.bool))
-    assert torch.equal(out[0], latent) and torch.equal(out[1], text) and torch.equal(out[2], mask)
 
 
 def test_pad_text_zero_pads_and_masks():

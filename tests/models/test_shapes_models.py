@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from t2i.flows.cli import main
+from t2i.models.loading import resolve_model
 from t2i.models.shapes_models import WEIGHTS_DIR, CaptionerRecipe, VAERecipe, train_captioner, train_vae
-from t2i.models.tiny import resolve_model
 
 
 def test_committed_models_carry_the_command_seed_and_quality_that_made_them():
@@ -55,8 +55,8 @@ def test_cli_retrains_into_a_folder_with_its_record(tmp_path, capsys):
 
 
 def test_missing_weights_name_the_command_that_makes_them(monkeypatch, tmp_path):
-    import t2i.models.tiny as tiny
+    import t2i.models.loading as loading
 
-    monkeypatch.setattr(tiny, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(loading, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="t2i train-shapes-models vae"):
         resolve_model("tiny:shapes-vae", tmp_path)

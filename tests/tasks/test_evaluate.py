@@ -10,7 +10,8 @@ from PIL import Image
 
 from t2i.data import shapes
 from t2i.flows.config import load_config
-from t2i.tasks.evaluate import image_grid, load_prompts, shapes_metrics
+from t2i.tasks.evaluate import load_prompts, shapes_metrics
+from t2i.tasks.sampling import image_grid
 
 
 def test_prompt_sets(tmp_path):
@@ -50,8 +51,8 @@ def trained(prefect_harness, workspace):
     from t2i.flows.recaption import recaption_flow
     from t2i.flows.train import train_flow
 
-    base = ["cutmix.enabled=false", "download.max_images=16", "recaption.backend=template", "train.steps=2",
-            "train.batch_size=4", "train.sample_prompts=0", "evaluate.steps=2"]  # fmt: skip
+    data = ["cutmix.enabled=false", "download.max_images=16", "recaption.backend=template"]
+    base = [*data, "train.steps=2", "train.batch_size=4", "train.sample_prompts=0", "evaluate.steps=2"]
     cfg = load_config("tiny", base, str(workspace))
     for run in (download_flow, recaption_flow, latents_flow, train_flow):
         run(cfg)
@@ -66,8 +67,8 @@ def test_geneval_folder_has_the_official_structure(trained):
 
     base, workspace = trained
     metadata = SHARED / "geneval" / "evaluation_metadata.jsonl"
-    cfg = load_config("tiny", [*base, f"evaluate.prompts=geneval:{metadata}", "evaluate.num_prompts=5",
-                               "evaluate.images_per_prompt=2"], str(workspace))  # fmt: skip
+    sets = [f"evaluate.prompts=geneval:{metadata}", "evaluate.num_prompts=5", "evaluate.images_per_prompt=2"]
+    cfg = load_config("tiny", [*base, *sets], str(workspace))
     metrics = evaluate_flow(cfg)["metrics"]
     out = Path(metrics["benchmark_folder"])
     lines = metadata.read_text().splitlines()
@@ -88,8 +89,8 @@ def test_dpg_bench_writes_a_2x2_grid_per_prompt_named_by_id(trained):
 
     base, workspace = trained
     folder = SHARED / "dpg_bench" / "prompts"
-    cfg = load_config("tiny", [*base, f"evaluate.prompts=dpg:{folder}", "evaluate.num_prompts=3",
-                               "evaluate.images_per_prompt=4"], str(workspace))  # fmt: skip
+    sets = [f"evaluate.prompts=dpg:{folder}", "evaluate.num_prompts=3", "evaluate.images_per_prompt=4"]
+    cfg = load_config("tiny", [*base, *sets], str(workspace))
     out = Path(evaluate_flow(cfg)["metrics"]["benchmark_folder"])
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
     assert Image.open(out / "0.png").size == (128, 128)
@@ -154,8 +155,8 @@ def test_bad_checkpoint_names_and_missing_metric_models_fail_before_sampling(tra
 def test_use_ema_false_samples_the_raw_weights_of_final(trained):
     from t2i.data.store import CHECKPOINTS, FINAL
     from t2i.flows.plan import Plan
+    from t2i.models.loading import load_checkpoint
     from t2i.tasks.checkpoints import load_state
-    from t2i.tasks.evaluate import load_checkpoint
 
     base, workspace = trained
     root = Plan(load_config("tiny", base, str(workspace))).checkpoints.root

@@ -94,10 +94,8 @@ def _load_in_a_clean_interpreter(folder: Path, target: Path, home: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "T2I"))}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
     home.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", textwrap.dedent(code)], cwd=home, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+    command = [sys.executable, "-S", "-c", textwrap.dedent(code)]
+    proc = subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout.strip().splitlines()[-1]
 

@@ -11,7 +11,7 @@ from t2i.flows.cutmix import cutmix_flow
 from t2i.flows.download import download_flow
 from t2i.flows.latents import latents_flow
 from t2i.flows.plan import Plan
-from t2i.models.tiny import resolve_model
+from t2i.models.loading import resolve_model
 from t2i.models.vae import decode_latents, load_vae
 from t2i.tasks.latents import SHAPE_META_KEY
 
@@ -83,8 +83,8 @@ def test_two_latents_workers_write_what_one_process_writes(
     prefect_harness, workspace, tmp_path, caplog, monkeypatch
 ):
     """On a machine where a scheduler gave the job GPUs 4 and 5 (CUDA_VISIBLE_DEVICES=4,5, the GPU count faked
-    for this CPU machine), each GPU gets a worker process with its own VAE, started once for the images and
-    the composites, each on its own GPU as the worker itself reports; they write what one process writes."""
+    for this CPU machine), each GPU gets a device process with its own VAE, started once for the images and
+    the composites, each on its own GPU as the process itself reports; they write what one process writes."""
     import re
     import shutil
 
@@ -96,10 +96,10 @@ def test_two_latents_workers_write_what_one_process_writes(
     two = load_config("tiny", base, str(tmp_path / "other"))
     latents_flow(one)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the workers themselves see this CPU's none
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the processes themselves see this CPU's none
     summary = latents_flow(two)
-    assert caplog.text.count("[latents] 2 workers: [['4'], ['5']]") == 1
-    reported = re.findall(r"\[latents\] worker \d: pid \d+, CUDA_VISIBLE_DEVICES=(\S+)", caplog.text)
+    assert caplog.text.count("[latents] 2 device processes: [['4'], ['5']]") == 1
+    reported = re.findall(r"\[latents\] process \d: pid \d+, CUDA_VISIBLE_DEVICES=(\S+)", caplog.text)
     assert sorted(reported) == ["4", "5"]
     assert summary["complete"] and summary["composites"]["complete"]
     for name, images in Plan(two).image_sets():

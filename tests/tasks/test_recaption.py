@@ -10,13 +10,13 @@ from PIL import Image
 from t2i.data.imaging import encode_image
 from t2i.data.schemas import IMAGES
 from t2i.data.store import Artifact
+from t2i.data.versions import TINY_MODELS
 from t2i.flows.config import load_config
 from t2i.flows.download import download_flow
 from t2i.flows.parts import part_shards
 from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.models.captioners import Caption, TransformersCaptioner, postprocess_caption
-from t2i.models.tiny import TINY_VERSION
 from t2i.tasks.recaption import (
     caption_isolating_failures,
     caption_shard,
@@ -51,7 +51,7 @@ def test_vllm_greedy_tokens_match_transformers_generate(vllm_captioner, tiny_mod
     batch = images(6)
     ours = vllm_captioner.caption(batch, [""] * 6, PROMPTS)["caption"]
     hf = TransformersCaptioner(
-        str(tiny_models / f"tiny-llava-v{TINY_VERSION}"), max_new_tokens=12, dtype="float32", batch_size=1
+        str(tiny_models / f"tiny-llava-v{TINY_MODELS}"), max_new_tokens=12, dtype="float32", batch_size=1
     )
     reference = hf.caption(batch, [""] * 6, PROMPTS)["caption"]
     assert all(c.tokens == 12 and c.finish_reason == "length" for c in ours)  # random weights never stop

@@ -23,8 +23,9 @@ from t2i.flows.latents import latents_flow
 from t2i.flows.plan import Plan
 from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import train_flow, train_job
-from t2i.tasks.checkpoints import load_final, load_state
-from t2i.tasks.shards import RELAY_ENV
+from t2i.models.loading import load_final
+from t2i.tasks.checkpoints import load_state
+from t2i.tasks.reporting import RELAY_ENV
 from t2i.tasks.train import COUNT_SYNCS_ENV, train_denoiser
 from t2i.tasks.train_job import launch_distributed
 from tests.conftest import T2I, _free_port, wait_until
@@ -85,7 +86,7 @@ def cli_train(ws: Path, env: dict, *overrides: str, log: Path) -> subprocess.Pop
 
 
 def job_processes(root: Path) -> dict[int, str]:
-    """The live processes of the job of the train folder `root` (launcher, ranks, their loader workers), by the
+    """The live processes of the job of the train folder `root` (launcher, ranks, their loader processes), by the
     variable its launch sets for all of them: pid → command line."""
     mark = f"{RELAY_ENV}={root / 'launch'}".encode()
     found = {}
@@ -122,7 +123,7 @@ def test_a_killed_rank_is_restarted_from_the_checkpoint_and_ends_as_the_uninterr
     root = Plan(cfg).checkpoints.root
     wait_until(lambda: (root / "checkpoints" / "step-00000020").is_dir(), 300, "the checkpoint of step 20")
     ranks = [
-        pid for pid, cmd in job_processes(root).items() if "train_worker" in cmd and "--launch" not in cmd
+        pid for pid, cmd in job_processes(root).items() if "train_process" in cmd and "--launch" not in cmd
     ]
     assert len(ranks) == 2, job_processes(root)
     os.kill(max(ranks), signal.SIGKILL)
@@ -145,7 +146,7 @@ def test_killing_the_train_process_group_ends_every_rank(ws, cli_env, tmp_path):
     proc = cli_train(ws, cli_env, *long_run, log=log)
     root = Plan(load_config("tiny", [*RUN, *long_run], str(ws))).checkpoints.root
     wait_until(lambda: "[rank 0] [train] step 6/5000" in log.read_text(), 300, "step 6 in the output")
-    assert len(job_processes(root)) >= 3  # the launcher (torchrun), 2 ranks and their loader workers
+    assert len(job_processes(root)) >= 3  # the launcher (torchrun), 2 ranks and their loader processes
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     at_kill = {p.name for p in checkpoint_dirs(root)}

@@ -65,8 +65,8 @@ def test_a_training_step_never_waits_for_the_host(step_data, model, mode):
     """Three steps of two micro-batches each (no_sync, then the all-reduce pass), CAD-I's self-conditioning
     pass included: no scalar read, no data-dependent shape, no blocking copy, from the batch's arrival to the
     EMA update. Losses and gradient norms stay on the device."""
-    cfg = config(step_data, f"train.model={model}", f"text.mode={mode}", "train.grad_accumulation=2",
-                 "train.loader_workers=1", "train.self_condition=0.5")  # fmt: skip
+    settings = ["train.grad_accumulation=2", "train.loader_workers=1", "train.self_condition=0.5"]
+    cfg = config(step_data, f"train.model={model}", f"text.mode={mode}", *settings)
     run = open_run(train_job(cfg), LOG)
     losses = []
     with no_host_syncs():
@@ -87,8 +87,13 @@ def test_a_compiled_denoiser_trains_as_eager_with_one_graph_per_text_length(step
     torch._dynamo.reset()
     losses, lengths, graphs = {}, set(), 0
     for compiled in (False, True):
-        cfg = config(step_data, "text.mode=precomputed", "train.loader_workers=0", "train.text_buckets=32",
-                     "train.batch_size=2", "train.cfg_dropout=0.7", f"train.compile={compiled}")  # fmt: skip
+        settings = [
+            "train.loader_workers=0",
+            "train.text_buckets=32",
+            "train.batch_size=2",
+            "train.cfg_dropout=0.7",
+        ]
+        cfg = config(step_data, "text.mode=precomputed", *settings, f"train.compile={compiled}")
         run = open_run(train_job(cfg), LOG)
         before = counters["stats"]["unique_graphs"]
         batches = (lengths.add(b["text"].shape[1]) or b for b in run.batches)

@@ -1,8 +1,9 @@
-"""A stage worker process (started by `t2i.tasks.device_workers.run_stage_worker`): reads its job (stage,
-config, shard sets, claim timeout) as JSON on stdin, loads its model once on the GPUs it was given, takes
-shards through the stage's claims until none is left (`t2i.flows.stage_runner.drain`, the loop every split
-shares), and reports each finished shard on stdout. It exits if the process that started it dies, so a
-killed run leaves no worker holding a GPU or a claim."""
+"""The entry point of a stage's device process (`python -m t2i.tasks.stage_process`, started by
+`t2i.tasks.device_processes.run_stage_process`): reads its job (stage, config, shard sets, claim timeout) as
+JSON on stdin, loads its model once on the GPUs it was given, takes shards through the stage's claims until
+none is left (`t2i.flows.stage_runner.drain`, the loop every split shares), and reports each finished shard on
+stdout. It exits if the process that started it dies, so a killed run leaves no process holding a GPU or a
+claim."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import json
 import os
 import sys
 
-import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
 from t2i.data.claims import ShardClaims
 from t2i.data.store import exit_with
-from t2i.tasks.device_workers import READY, REPORT
+from t2i.tasks.device_processes import READY, REPORT
 
 
 def shard_runner(stage: str, cfg_json: dict):
@@ -30,7 +30,7 @@ def shard_runner(stage: str, cfg_json: dict):
 
         cfg = LatentsConfig.model_validate(cfg_json)
         return lambda s, i, nxt: latents_shard.fn(cfg, s.artifact, i, s.source)
-    raise ValueError(f"no worker for stage {stage!r}")
+    raise ValueError(f"no device process for stage {stage!r}")
 
 
 def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> None:
@@ -39,7 +39,7 @@ def report(label: str, index: int, rows: int, rejects: int, seconds: float) -> N
 
 
 def main() -> int:
-    from t2i.flows.stage_runner import drain, set_from_ref
+    from t2i.flows.stage_runner import drain, set_from_ref  # the shard loop, shared with in-process runs
 
     exit_with(os.getppid())
     print(

@@ -1,7 +1,8 @@
-"""A machine's GPUs, grouped, and a sharded stage on them: one worker process per group (or per CPU worker),
-each taking shards through the stage's claims and reporting each finished shard on stdout. Recaption (one vLLM
-engine per `tensor_parallel_size` GPUs) and latents (one VAE per GPU) run through it, and `t2i worker` groups a
-machine's GPUs for its Prefect workers with the same `gpu_groups`."""
+"""A machine's GPUs, grouped, and a sharded stage's processes on them: one process per group (or, without a
+GPU, per CPU process asked for), each taking shards through the stage's claims and reporting each finished
+shard on stdout (`t2i.tasks.stage_process` is the process's entry point). Recaption (one vLLM engine per
+`tensor_parallel_size` GPUs) and latents (one VAE per GPU) run through it, and `t2i worker` groups a machine's
+GPUs for its Prefect workers with the same `gpu_groups`."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from t2i.tasks.shards import run_logger
+from t2i.tasks.reporting import run_logger
 
 REPORT = "T2I-SHARD "
-READY = "T2I-WORKER "
+READY = "T2I-READY "
 
 
 def visible_gpus() -> list[str]:
@@ -63,38 +64,36 @@ def _describe(ids: list[str]) -> str:
     return f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else f"physical {','.join(ids)}"
 
 
-@task(name="stage-worker", cache_policy=NO_CACHE)
-def run_stage_worker(
+@task(name="stage-process", cache_policy=NO_CACHE)
+def run_stage_process(
     stage: str,
     cfg: Any,
     sets: list[dict[str, Any]],
     gpus: list[str] | None,
-    worker: int,
+    process: int,
     claim_timeout: float,
     report: Callable[[str, int, int, int, float], None],
 ) -> None:
-    """One worker process (`t2i.flows.stage_worker`) on `gpus`, taking shards of `sets` (references made by
+    """One device process (`t2i.tasks.stage_process`) on `gpus`, taking shards of `sets` (references made by
     `t2i.flows.stage_runner`) until none is left to claim; each finished shard goes to `report`."""
     log = run_logger()
     spec = {"stage": stage, "cfg": cfg.model_dump(mode="json"), "sets": sets, "claim_timeout": claim_timeout}
     env = dict(os.environ)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "t2i.flows.stage_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        env=env, text=True,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "t2i.tasks.stage_process"]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     proc.stdin.write(json.dumps(spec))
     proc.stdin.close()
     for line in proc.stdout:
         if line.startswith(READY):
             ready = json.loads(line[len(READY) :])
             log.info(
-                f"[{stage}] worker {worker}: pid {ready['pid']}, CUDA_VISIBLE_DEVICES={ready['devices']}"
+                f"[{stage}] process {process}: pid {ready['pid']}, CUDA_VISIBLE_DEVICES={ready['devices']}"
             )
         elif line.startswith(REPORT):
             r = json.loads(line[len(REPORT) :])
-            log.info(f"[{stage}] worker {worker} (GPUs {gpus}): {r['label']} part {r['index']:05d} done")
+            log.info(f"[{stage}] process {process} (GPUs {gpus}): {r['label']} shard {r['index']:05d} done")
             report(r["label"], r["index"], r["rows"], r["rejects"], r["seconds"])
     if proc.wait() != 0:
-        raise RuntimeError(f"{stage} worker {worker} (GPUs {gpus}) exited with {proc.returncode}")
+        raise RuntimeError(f"{stage} process {process} (GPUs {gpus}) exited with {proc.returncode}")

@@ -1,5 +1,6 @@
-"""The processes of a distributed training job: `--launch` runs torchrun (dying with the task that started
-it), and each torchrun worker runs `train_denoiser` on the job the train flow described (dying with torchrun).
+"""The entry point of a distributed training job's processes (`python -m t2i.tasks.train_process`, the command
+`t2i.tasks.train_job.launch_command` builds): `--launch` runs torchrun (dying with the task that started it),
+and each rank torchrun starts runs `train_denoiser` on the job the train flow described (dying with torchrun).
 Global rank 0 writes the result; a stop every rank agrees on is recorded, not restarted."""
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-import t2i.models  # noqa: F401  (the torchvision shim, before torch is imported)
 from t2i.data.store import atomic_path, die_with_parent
 from t2i.tasks.train_job import TrainJob, record_stop, run_torchrun
 
 
-def worker_logger(rank: int) -> logging.Logger:
+def rank_logger(rank: int) -> logging.Logger:
     """The `t2i` logger of this rank, on stderr (which torchrun passes to the task's log): rank 0 says
     everything, the others their warnings and errors."""
     logger = logging.getLogger("t2i")
@@ -32,7 +32,7 @@ def main(job_path: str) -> int:
 
     die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
-    log = worker_logger(rank)
+    log = rank_logger(rank)
     job = TrainJob.model_validate_json(Path(job_path).read_text())
     if restart := int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):
         log.warning(
