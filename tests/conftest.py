@@ -30,17 +30,36 @@ T2I = str(Path(sys.executable).with_name("t2i"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: a minute or more on 2 cores (whole pipelines, several processes); not in `make test-fast`",
+    )
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks to group the tests
 def pytest_collection_modifyitems(items):
     """Under `pytest -n N --dist loadgroup` (make test), the tests of the service (server, pool, workers) run
     on one worker and the other users of the reference pipeline run on one worker, so each session fixture
-    is built once per group, and the two groups can run side by side."""
+    is built once per group, and the two groups can run side by side.
+
+    The longest work goes first (the modules of the two groups, then those with a test marked slow; a
+    module's tests stay together, in order, so its fixtures are built once), so the short tests fill the gaps
+    at the end instead of one long test starting last and running alone."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if "service" in names:
             item.add_marker(pytest.mark.xdist_group("service"))
         elif names & {"small_pipeline", "small_pipeline_run"}:
             item.add_marker(pytest.mark.xdist_group("pipeline"))
+
+    def weight(item) -> int:
+        return 2 * bool(item.get_closest_marker("xdist_group")) + bool(item.get_closest_marker("slow"))
+
+    heaviest: dict[str, int] = {}
+    for item in items:
+        heaviest[item.module.__name__] = max(heaviest.get(item.module.__name__, 0), weight(item))
+    items.sort(key=lambda item: -heaviest[item.module.__name__])  # stable: a module's tests stay together
 
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,7 @@ def test_the_installed_wheel_imports_only_under_t2i(wheel_venv, tmp_path):
         assert f"No module named '{name}'" in proc.stderr, (name, proc.stderr)
 
 
+@pytest.mark.slow
 def test_the_installed_wheel_runs_the_pipeline(wheel_venv, workspace, cli_env, tmp_path):
     env = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}
     proc = subprocess.run(

@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from t2i.flows.ablation import VARIANTS, summarise
 from t2i.flows.cli import main
 
@@ -18,6 +20,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_ablate_trains_each_variant_per_seed_and_ends_with_the_summary_line(
     prefect_harness, workspace, capsys
 ):

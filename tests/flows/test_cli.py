@@ -235,6 +235,7 @@ def _kill_after_first_shard(stage: str, ws, env, artifact, num_shards: int) -> d
 
 # recaption (the vLLM engine) is SIGKILLed the same way in a worker-run part: tests/service/test_service.py
 @pytest.mark.parametrize("stage", ["latents"])
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_rerun_keeps_finished_shards_and_matches(
     pipeline_ws, cli_env, tmp_path, stage
 ):

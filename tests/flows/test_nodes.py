@@ -107,6 +107,7 @@ def _computed_by(plan: Plan, pids: dict[int, str]) -> dict[str, int]:
     return count
 
 
+@pytest.mark.slow
 def test_two_nodes_compute_every_shard_once_and_node_0_evaluates(
     tmp_path, tiny_models, small_pipeline, prefect_server
 ):
@@ -130,6 +131,7 @@ def test_two_nodes_compute_every_shard_once_and_node_0_evaluates(
     assert "[evaluate]" in logs[0] and "runs on node 0 only" not in logs[0]
 
 
+@pytest.mark.slow
 def test_a_node_killed_mid_recaption_and_restarted_loses_only_its_shards_in_flight(
     tmp_path, tiny_models, small_pipeline, prefect_server
 ):
@@ -196,6 +198,7 @@ def test_a_node_killed_mid_recaption_and_restarted_loses_only_its_shards_in_flig
     _assert_written_once_and_equal(plan, counts, small_pipeline)
 
 
+@pytest.mark.slow
 def test_two_latents_commands_started_at_once_encode_every_shard_once(workspace, cli_env, tmp_path):
     """A plain stage command started on two machines at the same moment (here: two processes with their own
     working directories) shares the shards the same way."""

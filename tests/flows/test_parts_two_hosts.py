@@ -50,6 +50,7 @@ def ns_init_pid(unshare: subprocess.Popen) -> int:
 
 
 @pytest.mark.skipif(not namespaces_work(), reason="needs unshare/nsenter and new UTS and pid namespaces")
+@pytest.mark.slow
 def test_parts_on_two_hosts_keep_each_others_temporaries_and_complete(workspace, cli_env):
     ws = ["--preset", "tiny", "--workspace", str(workspace), *SETTINGS]
     run_cli(["download", *ws], cli_env)

@@ -41,6 +41,7 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow
 def test_cli_retrains_into_a_folder_with_its_record(tmp_path, capsys):
     assert main(["train-shapes-models", "vae", "--out", str(tmp_path), "--steps", "2"]) == 0
     record = json.loads((tmp_path / "shapes-vae" / "training.json").read_text())

@@ -30,6 +30,7 @@ def _parts(service, stage: str) -> dict[int, dict]:
     return {int(r["name"].split("-")[-3]): r for r in runs}
 
 
+@pytest.mark.slow
 def test_pipeline_in_two_parts_over_two_machines_recovers_from_a_dead_machine(service, small_pipeline):
     """Parts run on both machines; one machine dies and the other's part process is SIGKILLed while they
     caption. The fault comes at a point the test holds: the test claims one composite shard of each part (as

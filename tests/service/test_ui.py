@@ -71,6 +71,7 @@ def _field(page, label: str | re.Pattern):
     )
 
 
+@pytest.mark.slow
 def test_start_the_pipeline_from_its_form_and_retry_a_failed_run(service, small_pipeline, page):
     root = service.url.removesuffix("/api")
     deployment = service.api("/deployments/name/pipeline/tiny")

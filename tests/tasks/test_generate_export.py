@@ -34,6 +34,7 @@ def _pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
 
 
+@pytest.mark.slow
 def test_the_same_generate_command_twice_writes_identical_images(small_pipeline, tmp_path, cli_env):
     ws = _copy(small_pipeline, tmp_path / "ws")
     args = ["generate", "--preset", "tiny", "--workspace", str(ws), *SETS, "--prompt", PROMPT]

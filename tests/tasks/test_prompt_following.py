@@ -6,6 +6,8 @@ template captions, latents from the trained VAE, the tiny T5, training, sampling
 the shapes scorer); a denoiser that ignored its text would land near the chance level the scorer reports.
 """
 
+import pytest
+
 from t2i.flows.config import load_config
 from t2i.flows.pipeline import pipeline_flow
 from t2i.flows.plan import Plan
@@ -13,6 +15,7 @@ from t2i.flows.plan import Plan
 STEPS = 1200  # ~75 s on 2 CPU cores; the benchmark trains longer on more images
 
 
+@pytest.mark.slow
 def test_generated_images_show_the_prompted_colour(prefect_harness, workspace):
     cfg = load_config(
         "tiny",

@@ -231,6 +231,7 @@ SPLIT = [
 ]
 
 
+@pytest.mark.slow
 def test_two_parts_with_two_engines_equal_one_worker(prefect_harness, workspace, tmp_path):
     """Part 1/2 on two engine processes, then part 2/2 in-process: exactly the captions of one worker."""
     reference_ws = tmp_path / "reference"

@@ -99,6 +99,7 @@ def job_processes(root: Path) -> dict[int, str]:
     return found
 
 
+@pytest.mark.slow
 def test_two_processes_resumed_on_one_continue_the_one_process_run(data_and_reference, ws, monkeypatch):
     """Draws are keyed by the sample, not the rank: 2 processes × 2 micro-batches to step 30, then 1 process to
     step 60, end where one process alone ends."""
@@ -114,6 +115,7 @@ def test_two_processes_resumed_on_one_continue_the_one_process_run(data_and_refe
     assert weights <= WEIGHTS_TOLERANCE and ema <= WEIGHTS_TOLERANCE, (weights, ema)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_restarted_from_the_checkpoint_and_ends_as_the_uninterrupted_run(
     data_and_reference, ws, cli_env, tmp_path
 ):
@@ -138,6 +140,7 @@ def test_a_killed_rank_is_restarted_from_the_checkpoint_and_ends_as_the_uninterr
     assert weights <= WEIGHTS_TOLERANCE and ema <= WEIGHTS_TOLERANCE, (weights, ema)
 
 
+@pytest.mark.slow
 def test_killing_the_train_process_group_ends_every_rank(ws, cli_env, tmp_path):
     """What an OOM kill or a cancelled run does: no rank goes on training or writing checkpoints."""
     log = tmp_path / "train.log"
@@ -155,6 +158,7 @@ def test_killing_the_train_process_group_ends_every_rank(ws, cli_env, tmp_path):
     assert {p.name for p in checkpoint_dirs(root)} == at_kill
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_stops_every_rank_at_the_next_log_step(ws, cli_env, tmp_path):
     """The checkpoints folder cannot be made (a file is in its way, as a full or read-only disk would fail):
     every rank stops at the next log step naming the error, and torchrun does not restart the job."""
@@ -175,6 +179,7 @@ def test_a_failed_checkpoint_write_stops_every_rank_at_the_next_log_step(ws, cli
 
 
 @pytest.mark.skipif(not inotify_works(), reason="counts renames with Linux inotify")
+@pytest.mark.slow
 def test_two_nodes_started_ninety_seconds_apart_build_one_table_and_train_one_job(ws, cli_env, tmp_path):
     port = _free_port()
     nodes = ["train.nodes=2", "train.processes=1", f"train.master_port={port}"]
