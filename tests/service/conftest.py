@@ -39,8 +39,15 @@ class Service:
         if auth:
             headers["Authorization"] = "Basic " + b64encode(self.auth.encode()).decode()
         req = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers)
-        with urllib.request.urlopen(req, timeout=20) as r:
-            return json.loads(r.read() or b"null")
+        # a busy server answers 503 and Prefect's own client retries it: so does this
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(req, timeout=20) as r:
+                    return json.loads(r.read() or b"null")
+            except urllib.error.HTTPError as err:
+                if err.code != 503 or attempt == 4:
+                    raise
+                time.sleep(2 * (attempt + 1))
 
     def cli(self, args: list[str], timeout: float = 300, check: bool = True, env: dict | None = None):
         proc = subprocess.run(args, env=env or self.env, capture_output=True, text=True, timeout=timeout)
