@@ -18,10 +18,9 @@ TEXT = 1
 TRAIN = 1
 EVALUATE = 1
 ABLATION = 1  # the ablation's report (`t2i ablate`)
+GENERATE = 1  # the folder `t2i generate` writes a request's images to
 
 # What those outputs are made of.
 TRAIN_TABLE = 2  # the train table (`t2i.data.train_data`); 2: keys and captions as UTF-8 blobs with offsets
-SHAPES_WORLD = (
-    1  # the shapes world's scenes and their rendering (`t2i.data.shapes`), in the download identity
-)
+SHAPES_WORLD = 1  # the shapes world's scenes and rendering (`t2i.data.shapes`), in the download identity
 TINY_MODELS = 3  # the builders of the `tiny:*` models (`t2i.models.tiny`), in every fingerprint that uses one

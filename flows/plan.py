@@ -159,7 +159,7 @@ class Plan:
     def generation(self, settings: dict) -> Path:
         """The folder `t2i generate` writes a request's images to when no --out is given: a digest of the
         sampling settings and the training run."""
-        digest = fingerprint("generate", 1, settings, {"train": self.checkpoints.fingerprint})
+        digest = fingerprint("generate", versions.GENERATE, settings, {"train": self.checkpoints.fingerprint})
         return self.cfg.workspace_path / "generate" / digest
 
     def captioned_images(self, captions: Artifact) -> Artifact:
