@@ -1,9 +1,10 @@
-"""Image sources for the download stage: the synthetic shapes world, an image folder, a `datasets` dataset.
+"""Image sources for the download stage: the synthetic shapes world, an image folder, WebDataset tar shards,
+a `datasets` dataset.
 
 A source is a deterministic, indexable list of items: `read(indices)` yields the same items for the same
-indices every time, which is what lets a shard be redone alone after a crash. Folders and datasets are indexed
-through their listing, made once (`t2i.data.listing`). Items carry raw bytes; decoding (and rejecting bad
-files) is the download task's job.
+indices every time, which is what lets a shard be redone alone after a crash. Folders, tars and datasets are
+indexed through their listing, made once (`t2i.data.listing`). Items carry raw bytes; decoding (and rejecting
+bad files) is the download task's job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from t2i.data.tar_shards import TARS_METADATA, read_at, resolve_tars
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"})
 
 
@@ -29,6 +32,7 @@ class SourceItem:
     class_name: str | None = None
     caption_gt: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    rejected: tuple[str, str] | None = None  # (reason, detail) when the source already knows it is no image
 
 
 class Source(Protocol):
@@ -82,19 +86,81 @@ class FolderSource:
         rows = self.listing.take(pa.array(indices, pa.int64())).select(["path", "label"])
         for rel, label in zip(*(rows[c].to_pylist() for c in ("path", "label")), strict=True):
             try:
-                data = (self.root / rel).read_bytes()
-            except OSError as err:  # unreadable or vanished: an empty payload becomes a reject downstream
-                data = b""
-                attributes = {"read_error": str(err)}
-            else:
-                attributes = {}
+                data, rejected = (self.root / rel).read_bytes(), None
+            except OSError as err:  # unreadable or vanished
+                data, rejected = b"", ("unreadable", str(err))
             yield SourceItem(
                 key=rel,
                 data=data,
                 label=label,
                 class_name=self.classes[label] if label >= 0 else None,
-                attributes=attributes,
+                rejected=rejected,
             )
+
+
+class WdsSource:
+    """WebDataset tar shards read through their listing (`t2i.data.tar_shards`): each image is one `pread` at
+    the offset the listing recorded, so a shard reads its own images and nothing else of the tars. Tars are
+    found by relative name under wherever the spec points now, and must be the size they were when listed.
+    Samples the listing rejected (no image, cut by a truncated tar, unreadable class, repeated key) come out
+    as rejects with the listing's reason."""
+
+    COLUMNS = ("tar", "key", "offset", "size", "label", "reason", "detail")
+
+    def __init__(self, source: str, listing: pa.Table, classes: Sequence[str]) -> None:
+        self.tars = resolve_tars(source)
+        self.listing, self.classes = listing.combine_chunks(), list(classes)
+        self._check_tars(source, json.loads((listing.schema.metadata or {}).get(TARS_METADATA, b"{}")))
+
+    def _check_tars(self, source: str, sizes: dict[str, int]) -> None:
+        """Every listed tar is there, as large as it was: a rewritten tar must be relisted, never read at
+        offsets that no longer hold its images."""
+        missing, changed = [], []
+        for name, size in sizes.items():
+            path = self.tars.path(name)
+            if not path.is_file():
+                missing.append(str(path))
+            elif path.stat().st_size != size:
+                changed.append(f"{path} ({size} -> {path.stat().st_size} bytes)")
+        if missing:
+            raise FileNotFoundError(
+                f"download.source: {len(missing)} listed tars of {source} are missing: "
+                f"{', '.join(missing[:3])}"
+            )
+        if changed:
+            raise RuntimeError(
+                f"download.source: {len(changed)} tars of {source} changed since they were listed: "
+                f"{', '.join(changed[:3])}; `t2i download --relist` lists them again (new fingerprints)"
+            )
+
+    def read(self, indices: Sequence[int]) -> Iterator[SourceItem]:
+        rows = self.listing.take(pa.array(indices, pa.int64())).select(list(self.COLUMNS))
+        fd, opened, open_error = -1, None, None
+        try:
+            for tar, key, offset, size, label, reason, detail in zip(
+                *(rows[c].to_pylist() for c in self.COLUMNS), strict=True
+            ):
+                item = SourceItem(key, b"", label, self.classes[label] if label >= 0 else None)
+                if reason is not None:
+                    item.rejected = (reason, detail or "")
+                    yield item
+                    continue
+                if tar != opened:  # a shard's indices are in listing order: each tar is opened once
+                    if fd >= 0:
+                        os.close(fd)
+                    fd, opened, open_error = -1, tar, None
+                    try:
+                        fd = os.open(self.tars.path(tar), os.O_RDONLY)
+                    except OSError as err:
+                        open_error = str(err)
+                if open_error is None:
+                    item.data = read_at(fd, size, offset)
+                if len(item.data) != size:
+                    item.rejected = ("unreadable", open_error or f"{tar} ends before byte {offset + size}")
+                yield item
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def load_hf_dataset(name: str, split: str, revision: str | None) -> tuple[Any, bool]:

@@ -28,7 +28,12 @@ from t2i.models.captioners import CLASS_TEMPLATE
 
 PRESETS_PACKAGE = "t2i.flows.presets"
 DEFAULT_WORKSPACE = "workspace"
-SOURCE_KINDS = ("synthetic:shapes", "folder:<path>", "hf:<dataset id or saved path>")
+SOURCE_KINDS = (
+    "synthetic:shapes",
+    "folder:<path>",
+    "hf:<dataset id or saved path>",
+    "wds:<.tar file, folder of .tar files or brace-glob like /data/train-{0000..0146}.tar>",
+)
 
 
 class ConfigError(ValueError):
@@ -110,7 +115,14 @@ class DownloadConfig(StageConfig):
     source: str = Field(
         "folder:/data/imagenet/train",
         description="Where images come from: 'synthetic:shapes' (the embedded default), 'folder:<path>' "
-        "(ImageNet class/*.JPEG layout or a flat image folder) or 'hf:<dataset id or save_to_disk path>'.",
+        "(ImageNet class/*.JPEG layout or a flat image folder), 'hf:<dataset id or save_to_disk path>' or "
+        "'wds:<.tar, folder of .tar or brace-glob>' (WebDataset shards, e.g. 'wds:/data/in1k/train-{0000..1023}.tar').",
+    )
+    wds_class: str = Field(
+        "cls",
+        pattern=r"^(cls|json:[A-Za-z_][\w.]*)$",
+        description="wds: sources: where a sample's class comes from: 'cls' (its .cls member: a class index "
+        "or name) or 'json:<field>' (a field of its .json member, dots for nested fields).",
     )
     split: str = Field("train", description="Dataset split (hf: and synthetic: sources).")
     max_images: int | None = Field(None, ge=1, description="Keep at most this many images (None: all).")
@@ -139,13 +151,15 @@ class DownloadConfig(StageConfig):
         if not self.source.startswith("synthetic:"):
             for name in ("source", "split", "hf_revision"):  # in the listing's identity where they matter
                 del fields[name]
+        if not self.source.startswith("wds:"):
+            del fields["wds_class"]
         return fields
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
         kind, _, rest = v.partition(":")
-        if v == "synthetic:shapes" or (kind in ("folder", "hf") and rest):
+        if v == "synthetic:shapes" or (kind in ("folder", "hf", "wds") and rest):
             return v
         raise ValueError(f"unknown source {v!r}; allowed: {', '.join(SOURCE_KINDS)}")
 
@@ -403,7 +417,9 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = Field(5000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(
-        100, ge=1, description="Log loss, lr, grad norm, samples/s (and TensorBoard) every N steps."
+        100,
+        ge=1,
+        description="Log loss, lr, grad norm, samples/s (to the log and train.trackers) every N steps.",
     )
     sample_every: int = Field(5000, ge=1, description="Sample a grid with the EMA weights every N steps.")
     sample_prompts: int = Field(8, ge=0, description="Training captions sampled in each grid (0: no grids).")
@@ -462,6 +478,26 @@ class TrainConfig(StageConfig):
         description="Seconds a rank waits in a collective for a lost rank before the job fails and restarts.",
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+    init_from: str | None = Field(
+        None,
+        description="Fine-tune: start from the final weights (EMA too) of another train run, given by its "
+        "folder (e.g. one `t2i import-model` wrote from the paper's released CAD-I); that run's fingerprint, "
+        "not its path, enters this run's. model and size must match it; its model config (patch size, "
+        "widths) is taken as it is. None: random initialisation.",
+    )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim", "trackio"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers (through accelerate) that receive the logged scalars and sample "
+        "grids: tensorboard (in the run folder), wandb, mlflow, aim, trackio (`pip install "
+        "t2i-imagenet[trackers]`). Credentials and servers come from their own environment variables "
+        "(WANDB_API_KEY, WANDB_MODE, MLFLOW_TRACKING_URI, ...); [] logs to none.",
+    )
+    tracker_project: str = Field(
+        "t2i-imagenet",
+        min_length=1,
+        description="Project (wandb, trackio, aim) or experiment (mlflow) the run is logged under; the run is "
+        "named after its artifact folder.",
+    )
 
     later_fields: ClassVar[frozenset[str]] = frozenset({"patch_size"})
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
@@ -485,8 +521,24 @@ class TrainConfig(StageConfig):
             "max_restarts",
             "rendezvous_timeout",
             "collective_timeout",
+            "trackers",
+            "tracker_project",
         }
     )
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """`init_from` enters as an input of the train artifact (the initial run's fingerprint, see
+        `Plan.checkpoints`), never as a path: the same run mounted elsewhere gives the same artifact."""
+        fields = super().fingerprint_fields()
+        del fields["init_from"]
+        return fields
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"trackers listed twice: {v}")
+        return v
 
     @model_validator(mode="after")
     def _node_rank_in_range(self) -> TrainConfig:
@@ -518,10 +570,38 @@ class EvaluateConfig(StageConfig):
         "auto", description="auto: DDIM for the ε objective, Euler for rectified flow."
     )
     steps: int = Field(50, ge=1, le=2000)
-    guidance_scale: float = Field(4.0, ge=0)
+    guidance_scale: float = Field(
+        4.0,
+        ge=0,
+        description="Classifier-free guidance w: uncond + w·(cond − uncond); 1: none. The paper's sampler "
+        "writes cond·(1 + cfg) − uncond·cfg with cfg 15, which is w = 16 here.",
+    )
+    clamp_x0: float | None = Field(
+        None,
+        gt=0,
+        description="ddim/ddpm: clamp the predicted clean latent to ±this at every step (the paper's "
+        "sampler: 1.2, on SD-VAE latents × 0.18215); None: no clamp.",
+    )
+    unconditional: Literal["empty", "random_words"] = Field(
+        "empty",
+        description="The guidance's unconditional text: 'empty' (what training drops captions to) or "
+        "'random_words' (3-6 random lowercase words per image, the paper's sampler), seeded by `seed`.",
+    )
+    unguided_steps: int = Field(
+        0,
+        ge=0,
+        description="First sampling steps taken without guidance (the paper's sampler: 1, it guides from its "
+        "second step).",
+    )
     batch_size: int = Field(16, ge=1)
     seed: int = Field(0)
     use_ema: bool = Field(True, description="Sample with the EMA weights.")
+    run: str | None = Field(
+        None,
+        description="The train run evaluate, generate and export-model sample from, instead of the one this "
+        "config trains: its folder (`<workspace>/train/<fingerprint>`) or fingerprint, e.g. the run `t2i "
+        "import-model` wrote from the paper's released CAD-I. None: this config's own train output.",
+    )
     checkpoints: list[str] = Field(
         ["final"],
         min_length=1,
@@ -545,7 +625,9 @@ class EvaluateConfig(StageConfig):
     )
     device: str = Field("auto")
 
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "inception_weights"})
+    # `run` enters the evaluation as its input (that run's fingerprint, `Plan.sampled`), not as a path.
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "inception_weights", "run"})
+    later_fields: ClassVar[frozenset[str]] = frozenset({"clamp_x0", "unconditional", "unguided_steps"})
 
     @field_validator("prompts")
     @classmethod

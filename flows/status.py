@@ -200,7 +200,7 @@ def _is_listed(cfg: PipelineConfig) -> bool:
     d = cfg.download
     if not is_listed(d.source):
         return True
-    return (spec_dir(cfg.workspace_path, d.source, d.split, d.hf_revision) / SUMMARY).is_file()
+    return (spec_dir(cfg.workspace_path, d.source, d.split, d.hf_revision, d.wds_class) / SUMMARY).is_file()
 
 
 def text_disk(cfg: PipelineConfig) -> TextDisk:

@@ -26,8 +26,8 @@ def download_shard(
         return artifact.shard_info(index)
     rows, rejects = [], []
     for item in source.read(items):
-        if not item.data and "read_error" in item.attributes:
-            rejects.append(Reject(item.key, "unreadable", item.attributes["read_error"]))
+        if item.rejected is not None:
+            rejects.append(Reject(item.key, *item.rejected))
             continue
         try:
             data, width, height = prepare_image_bytes(

@@ -64,7 +64,7 @@ pillow; pyyaml comes with transformers), these wheels, installed with `pip insta
   - diffusers (6.4 MB) — AutoencoderKL;
   - pydantic + pydantic-core (for the image's Python) + annotated-types + typing-inspection (2.8 MB), if absent —
     `t2i.flows.config`;
-  - tensorboard + protobuf + absl-py (6.0 MB), if absent — `train_denoiser` always opens a SummaryWriter;
+  - tensorboard + protobuf + absl-py (6.0 MB), if absent — the default `train.trackers` opens a SummaryWriter;
   - not prefect: `t2i.tasks.train` and `t2i.tasks.text` import `prefect.task` at module import, but outside a
     flow run `train_denoiser.fn` needs of it only that decorator and a run-logger lookup that falls back to plain
     logging, so this script puts a stand-in `prefect` module in place (`task` returns the function with `.fn`).

@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from t2i.flows.cli import main as cli_main
@@ -225,6 +226,47 @@ def test_a_moved_hf_dataset_keeps_its_fingerprint(prefect_harness, workspace, tm
     cfg2 = load_config("tiny", [*overrides, f"download.source=hf:{tmp_path / 'moved'}"], str(workspace))
     assert Plan(cfg2).images.fingerprint == Plan(cfg).images.fingerprint
     assert download_flow(cfg2)["skipped"] is True
+
+
+def test_moved_tars_keep_their_artifacts_and_a_changed_tar_must_be_relisted(
+    prefect_harness, workspace, tmp_path
+):
+    src = class_folder(tmp_path / "imagenet", classes=5, per_class=8)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.ShardWriter(str(shards / "in-%03d.tar"), maxcount=16, verbose=0) as sink:
+        for path in sorted(src.rglob("*.JPEG")):
+            sink.write({"__key__": path.stem, "jpg": path.read_bytes(), "cls": path.parent.name})
+    overrides = ["cutmix.enabled=false", "download.shard_size=16", "download.max_images=30"]
+    cfg = load_config(
+        "tiny", [*overrides, f"download.source=wds:{shards}/in-{{000..002}}.tar"], str(workspace)
+    )
+    assert download_flow(cfg)["rows"] == 30
+    fingerprint = Plan(cfg).images.fingerprint
+    assert len(set().union(*shard_classes(Plan(cfg).images, 2))) == 5  # a seeded sample of all the tars
+
+    moved = shards.rename(tmp_path / "scratch-copy")
+    cfg2 = load_config("tiny", [*overrides, f"download.source=wds:{moved}"], str(workspace))
+    assert Plan(cfg2).images.fingerprint == fingerprint and download_flow(cfg2)["skipped"] is True
+    shutil.rmtree(moved)  # status reads the workspace only
+    assert stage_statuses(cfg2)[0].state == "complete"
+
+    changed = class_folder(tmp_path / "other", classes=2, per_class=3)
+    moved.mkdir()
+    with wds.ShardWriter(str(moved / "in-%03d.tar"), maxcount=16, verbose=0) as sink:
+        for path in sorted(changed.rglob("*.JPEG")):
+            sink.write({"__key__": path.stem, "jpg": path.read_bytes(), "cls": path.parent.name})
+    cfg3 = load_config(
+        "tiny", [*overrides, "download.max_images=5", f"download.source=wds:{moved}"], str(workspace)
+    )
+    with pytest.raises(FileNotFoundError, match="download.source: 2 listed tars .* are missing"):
+        Plan(cfg3).open_source()  # the cached listing names three tars; two are gone
+    (moved / "in-001.tar").write_bytes((moved / "in-000.tar").read_bytes())
+    (moved / "in-002.tar").write_bytes((moved / "in-000.tar").read_bytes())
+    with pytest.raises(RuntimeError, match="changed since they were listed.*--relist"):
+        Plan(cfg3).open_source()
+    relisted = Plan(cfg3, relist=True).source_summary  # three copies of one tar: its samples once
+    assert relisted.count == 18 and relisted.wds["rejected"] == {"duplicate key": 12}
 
 
 @pytest.mark.parametrize("overrides", [[], ["download.max_images=192", "download.shard_size=48"]])
