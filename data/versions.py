@@ -23,4 +23,8 @@ GENERATE = 1  # the folder `t2i generate` writes a request's images to
 # What those outputs are made of.
 TRAIN_TABLE = 2  # the train table (`t2i.data.train_data`); 2: keys and captions as UTF-8 blobs with offsets
 SHAPES_WORLD = 1  # the shapes world's scenes and rendering (`t2i.data.shapes`), in the download identity
+# 2: CAD-I is the paper's network (RINTextCond / CADRINTextCond, weights convertible both ways); runs of the
+# earlier CAD-I have other weights and fingerprint without it. DiT-I runs are untouched.
+CAD = 2
 TINY_MODELS = 3  # the builders of the `tiny:*` models (`t2i.models.tiny`), in every fingerprint that uses one
+IMPORT = 1  # a train run made from released weights (`t2i import-model`)

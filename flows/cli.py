@@ -11,6 +11,8 @@ t2i worker --pool NAME [--gpus 0,1,...] [--gpus-per-part G] [--limit K]   (this 
 t2i ablate --preset tiny [--seeds 0 1 2]   (class vs vlm vs vlm+cutmix captions, shapes scorer)
 t2i generate --preset P --prompt TEXT [--prompt ...] [--n 4] [--seed 0]   (PNGs from the trained model)
 t2i export-model --preset P --out DIR [--push-to-hub REPO [--private]]   (a diffusers folder + model card)
+t2i export-model --preset P --format paper --out DIR                     (CAD-I in the paper's format)
+t2i import-model SOURCE --preset P                  (the paper's released CAD-I as a finished train run)
 t2i train-shapes-models captioner vae [--out DIR]   (retrain the tiny preset's trained models)
 
 Each sub-command's parser names the function that runs it (`set_defaults(func=...)`); the commands that take
@@ -179,9 +181,31 @@ def _export_model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from t2i.tasks.export_model import export_model
 
     out = Path(args.out) if args.out else None
-    export_model(cfg, Plan(cfg).checkpoints, out, args.checkpoint, args.push_to_hub, args.private)
+    if args.format == "paper":
+        from t2i.tasks.generate import TrainedRun
+        from t2i.tasks.import_model import export_paper_model
+
+        if out is None or args.push_to_hub:
+            raise ConfigError(
+                "export-model --format paper writes a folder: give --out (and no --push-to-hub)"
+            )
+        export_paper_model(TrainedRun(cfg, Plan(cfg).sampled, args.checkpoint, device="cpu"), out)
+    else:
+        export_model(cfg, Plan(cfg).sampled, out, args.checkpoint, args.push_to_hub, args.private)
     for where in filter(None, (out, args.push_to_hub)):
-        print(f"exported the {cfg.preset} model to {where}")
+        print(f"exported the {cfg.preset} model to {where} ({args.format} format)")
+    return 0
+
+
+def _import_model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from t2i.models.cad_official import PAPER_SAMPLING
+    from t2i.tasks.import_model import import_paper_model
+
+    run, imported = import_paper_model(cfg, args.source, args.revision, args.text_encoder, args.vae)
+    print(f"{'imported' if imported else 'already imported'} {args.source} as the train run {run.root}")
+    print(f"sample it:    --set evaluate.run={run.root}")
+    print(f"fine-tune it: --set train.init_from={run.root} --set train.model=cad")
+    print("the paper's sampler: " + " ".join(f"--set evaluate.{k}={v}" for k, v in PAPER_SAMPLING.items()))
     return 0
 
 
@@ -329,6 +353,33 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--checkpoint", default="final", help="final (default) or a kept step-NNNNNNNN")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub model repo")
     p.add_argument("--private", action="store_true", help="make the Hub repo private")
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "paper"),
+        default="diffusers",
+        help="diffusers (default: a pipeline folder with a model card) or paper (CAD-I in the paper's "
+        "PyTorchModelHubMixin format: config.json + model.safetensors)",
+    )
+    p = _preset_command(
+        sub,
+        "import-model",
+        _import_model,
+        "the paper's released CAD-I (folder or Hub id) as a finished train run of this workspace",
+    )
+    p.add_argument(
+        "source", help="a folder with config.json + weights, or a Hub id (e.g. Lucasdegeorge/CAD-I)"
+    )
+    p.add_argument("--revision", default=None, help="Hub revision (default: main)")
+    p.add_argument(
+        "--text-encoder",
+        default="google/flan-t5-xl",
+        help="the T5 the model reads (Hub id, folder or tiny:t5; default google/flan-t5-xl, the paper's)",
+    )
+    p.add_argument(
+        "--vae",
+        default="benjamin-paine/stable-diffusion-v1-5/vae",
+        help="the VAE that decodes its latents (default: SD-1.5's, the paper's decoder; owner/name/subfolder)",
+    )
     p = _preset_command(
         sub,
         "ablate",

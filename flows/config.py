@@ -587,6 +587,13 @@ class EvaluateConfig(StageConfig):
         description="The guidance's unconditional text: 'empty' (what training drops captions to) or "
         "'random_words' (3-6 random lowercase words per image, the paper's sampler), seeded by `seed`.",
     )
+    gamma_min: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="ε objective: the signal level γ = 1 − t of the first sampling step (None: γ = 1e-3, "
+        "t = 0.999; the paper's sampler: 1e-9, from pure noise).",
+    )
     unguided_steps: int = Field(
         0,
         ge=0,
@@ -627,7 +634,9 @@ class EvaluateConfig(StageConfig):
 
     # `run` enters the evaluation as its input (that run's fingerprint, `Plan.sampled`), not as a path.
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "inception_weights", "run"})
-    later_fields: ClassVar[frozenset[str]] = frozenset({"clamp_x0", "unconditional", "unguided_steps"})
+    later_fields: ClassVar[frozenset[str]] = frozenset(
+        {"clamp_x0", "unconditional", "gamma_min", "unguided_steps"}
+    )
 
     @field_validator("prompts")
     @classmethod

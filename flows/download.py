@@ -38,6 +38,8 @@ def download_flow(cfg: PipelineConfig, relist: bool = False) -> dict[str, Any]:
             "source": cfg.download.source,
             "ignored_files": summary.ignored if summary else 0,
             "listing": listing,
+            # wds: damaged tars, samples rejected or without a class at listing time
+            "wds": summary.wds if summary else None,
         }
 
     shards = ShardSet("download", plan.images, plan.num_shards, list(range(plan.num_shards)), summary=extra)

@@ -13,6 +13,7 @@ from prefect import flow
 
 from t2i.data.claims import ShardClaims
 from t2i.data.store import MANIFEST, Artifact
+from t2i.flows.assets import commit
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import skipped_summary, write_once
@@ -39,7 +40,7 @@ def heldout_artifacts(plan: Plan, prompts: str) -> tuple[Artifact, Artifact] | N
 @flow(name="evaluate", description="Sample prompts with CFG and score the images.", log_prints=True)
 def evaluate_flow(cfg: PipelineConfig) -> dict[str, Any]:
     plan = Plan(cfg)
-    checkpoints = plan.require("train")
+    checkpoints = plan.require("train", plan.sampled)  # `evaluate.run`, or this config's own run
     artifact = plan.evaluation
     if artifact.is_complete():
         return skipped_summary("evaluate", artifact)
@@ -48,11 +49,14 @@ def evaluate_flow(cfg: PipelineConfig) -> dict[str, Any]:
     def evaluate() -> None:
         heldout = heldout_artifacts(plan, cfg.evaluate.prompts)
         metrics = evaluate_checkpoint(cfg.evaluate, cfg.latents, artifact, checkpoints, heldout)
-        artifact.write_manifest(
-            config=artifact.extra["config"],
-            inputs=artifact.extra["inputs"],
-            started=started,
-            extra={"metrics": metrics},
+        config, inputs = artifact.extra["config"], artifact.extra["inputs"]
+        commit(
+            "evaluate",
+            artifact,
+            [checkpoints],
+            lambda: artifact.write_manifest(
+                config=config, inputs=inputs, started=started, extra={"metrics": metrics}
+            ),
         )
 
     artifact.root.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,10 @@ ARTIFACT_PROMPTS = 16  # image artifacts live in the server's database: the rest
 
 
 def generate_images(cfg: PipelineConfig, request: GenerateRequest, out: Path | None = None) -> list[Path]:
-    """The request's images from the training run `cfg` names, in `out` (default: the plan's folder for
+    """The request's images from the training run `cfg` names (`evaluate.run`, else its own), in `out` (default: the plan's folder for
     this run and request, `<workspace>/generate/<digest>`)."""
     plan = Plan(cfg)
-    run = TrainedRun(cfg, plan.checkpoints, request.checkpoint)
+    run = TrainedRun(cfg, plan.sampled, request.checkpoint)
     settings = sampling_settings(cfg, request)
     return generate(run, request, settings, out or plan.generation(settings))
 

@@ -25,6 +25,7 @@ from t2i.flows.recaption import recaption_flow
 from t2i.flows.train import train_flow
 from t2i.tasks.model_cache import release_models
 from t2i.tasks.reporting import run_logger
+from t2i.tasks.trackers import require_trackers
 
 STAGE_FLOWS = {
     "download": download_flow,
@@ -39,6 +40,8 @@ STAGE_FLOWS = {
 @flow(name="pipeline", description="Run every stage in order; finished stages are skipped.", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
     check_fan_out(cfg)  # a split that cannot happen fails here, before the first stage
+    if not Plan(cfg).checkpoints.is_complete():  # and a tracker the training would need but cannot load
+        require_trackers(cfg.train.trackers)
     results = {}
     for stage, run in STAGE_FLOWS.items():
         if stage == "evaluate" and cfg.train.node_rank != 0:

@@ -17,6 +17,7 @@ from t2i.data.listing import SourceSummary, is_listed, item_order, num_shards, o
 from t2i.data.sources import ShapesSource, Source
 from t2i.data.store import Artifact, fingerprint
 from t2i.flows.config import PipelineConfig
+from t2i.models.loading import initial_run_meta, train_run
 from t2i.models.tiny import tiny_identities
 
 STAGES = ("download", "cutmix", "recaption", "latents", "train", "evaluate")
@@ -46,7 +47,14 @@ class Plan:
         d = self.cfg.download
         if not is_listed(d.source):
             return None
-        return source_summary(self.cfg.workspace_path, d.source, d.split, d.hf_revision, relist=self.relist)
+        return source_summary(
+            self.cfg.workspace_path,
+            d.source,
+            d.split,
+            d.hf_revision,
+            relist=self.relist,
+            wds_class=d.wds_class,
+        )
 
     def _artifact(self, stage: str, version: int, config: dict, inputs: dict[str, str]) -> Artifact:
         pinned = tiny_identities(config)  # a rebuilt or retrained tiny model makes new outputs
@@ -145,21 +153,42 @@ class Plan:
     @functools.cached_property
     def checkpoints(self) -> Artifact:
         cfg = {"train": self.cfg.train.fingerprint_fields(), "text": self.cfg.text.fingerprint_fields()}
+        if self.cfg.train.model == "cad":
+            cfg["cad"] = versions.CAD
         inputs = {"latents": self.latents.fingerprint, "captions": self.captions.fingerprint}
         if self.composites is not None:
             inputs["composite_latents"] = self.latents_of(self.composites).fingerprint
             inputs["composite_captions"] = self.captions_of(self.composites).fingerprint
+        if self.initial_run is not None:
+            inputs["init"] = self.initial_run.fingerprint
         return self._artifact("train", versions.TRAIN, cfg, inputs)
+
+    @functools.cached_property
+    def initial_run(self) -> Artifact | None:
+        """The finished run a fine-tuning run starts from (`train.init_from`), else None."""
+        ref = self.cfg.train.init_from
+        if ref is None:
+            return None
+        run = train_run(ref, self.cfg.workspace_path, "train.init_from")
+        initial_run_meta(run, self.cfg.train.model, self.cfg.text.encoder)
+        return run
+
+    @functools.cached_property
+    def sampled(self) -> Artifact:
+        """The train run evaluate, generate and export-model sample: `evaluate.run` when set (an imported run,
+        another config's run), else this config's own."""
+        ref = self.cfg.evaluate.run
+        return self.checkpoints if ref is None else train_run(ref, self.cfg.workspace_path, "evaluate.run")
 
     @functools.cached_property
     def evaluation(self) -> Artifact:
         cfg = self.cfg.evaluate.fingerprint_fields()
-        return self._artifact("evaluate", versions.EVALUATE, cfg, {"train": self.checkpoints.fingerprint})
+        return self._artifact("evaluate", versions.EVALUATE, cfg, {"train": self.sampled.fingerprint})
 
     def generation(self, settings: dict) -> Path:
         """The folder `t2i generate` writes a request's images to when no --out is given: a digest of the
         sampling settings and the training run."""
-        digest = fingerprint("generate", versions.GENERATE, settings, {"train": self.checkpoints.fingerprint})
+        digest = fingerprint("generate", versions.GENERATE, settings, {"train": self.sampled.fingerprint})
         return self.cfg.workspace_path / "generate" / digest
 
     def captioned_images(self, captions: Artifact) -> Artifact:
@@ -211,6 +240,9 @@ class Plan:
     def require_inputs(self, stage: str) -> None:
         """Every input of `stage` must be complete, before any work starts; otherwise `MissingInput` names the
         command that makes it. Precomputed text makes the captions of every image set an input of latents."""
+        if stage == "evaluate":  # the run it samples, which may not be this config's own
+            self.require("train", self.sampled)
+            return
         for upstream in UPSTREAM[stage]:
             if upstream != "cutmix" or self.composites is not None:
                 self.require(upstream)

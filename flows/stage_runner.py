@@ -8,7 +8,8 @@
 
 A run computes every shard of its share it can claim, waits for those that live processes elsewhere hold
 (taking over the claims of dead ones), and the manifest is written once, by the run that claims it; the
-others wait for it. A run that dies loses only its in-flight shards; a rerun finishes them.
+others wait for it, and that write is the artifact's materialization as a Prefect asset (`t2i.flows.assets`).
+A run that dies loses only its in-flight shards; a rerun finishes them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from t2i.data.claims import ShardClaims, shard_claim
 from t2i.data.store import Artifact, ShardInfo
+from t2i.flows.assets import commit, reused
 from t2i.tasks.device_processes import run_stage_process
 from t2i.tasks.reporting import Progress, run_logger
 
@@ -263,7 +265,10 @@ def _finalizer(s: ShardSet, claims: ShardClaims, started: float) -> Callable[[bo
             f"{manifest['rejects_by_reason'] or ''} in {manifest['seconds']:.1f}s → {art.root}"
         )
 
-    return lambda wait: write_once(art, claims, write, f"{s.label} manifest", wait)
+    def materialize() -> None:  # the set's source is the one artifact it is made from
+        commit(s.label, art, [s.source] if s.source is not None else [], write)
+
+    return lambda wait: write_once(art, claims, materialize, f"{s.label} manifest", wait)
 
 
 def _summary(s: ShardSet) -> dict[str, Any]:
@@ -331,7 +336,9 @@ def _short(items: list[str] | None, most: int = 4) -> str:
 
 
 def skipped_summary(stage: str, artifact: Artifact) -> dict[str, Any]:
+    """The summary of a complete artifact this run leaves as it is (recorded as a referenced asset)."""
     run_logger().info(f"[{stage}] already complete: {artifact.root}")
+    reused(stage, artifact)
     counts = _counts(artifact.read_manifest())
     return {"stage": stage, "path": str(artifact.root), "skipped": True, "complete": True, **counts}
 

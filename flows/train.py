@@ -9,12 +9,14 @@ from typing import Any
 from prefect import flow
 
 from t2i.data.claims import ShardClaims
-from t2i.data.store import FINAL
+from t2i.data.store import FINAL, Artifact
 from t2i.data.train_data import build_train_table
+from t2i.flows.assets import commit
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 from t2i.flows.stage_runner import skipped_summary, write_once
 from t2i.models.loading import resolve_model
+from t2i.tasks.trackers import require_trackers
 from t2i.tasks.train import table_inputs, train_denoiser
 from t2i.tasks.train_job import TrainJob, launch_distributed
 
@@ -99,6 +101,7 @@ def run_train(cfg: PipelineConfig, stop_after: int | None = None) -> dict[str, A
     artifact = plan.checkpoints
     if artifact.is_complete():
         return skipped_summary("train", artifact)
+    require_trackers(cfg.train.trackers)  # a missing extra fails here, before any process starts
     started = time.time()
     job = train_job(cfg, plan, stop_after)
     processes = training_processes(cfg)
@@ -110,10 +113,19 @@ def run_train(cfg: PipelineConfig, stop_after: int | None = None) -> dict[str, A
     summary = {"stage": "train", "path": str(artifact.root), "skipped": False, **result}
     if cfg.train.node_rank != 0 or result["step"] < cfg.train.steps:  # node 0 writes it once the job is done
         return summary
-    artifact.write_manifest(
-        config=artifact.extra["config"],
-        inputs=artifact.extra["inputs"],
-        started=started,
-        extra={**result, "latent_norm": job.latent_norm, "final": str(artifact.root / FINAL)},
+    extra = {**result, "latent_norm": job.latent_norm, "final": str(artifact.root / FINAL)}
+    config, inputs = artifact.extra["config"], artifact.extra["inputs"]
+    commit(
+        "train",
+        artifact,
+        train_inputs(job, plan),
+        lambda: artifact.write_manifest(config=config, inputs=inputs, started=started, extra=extra),
     )
     return summary
+
+
+def train_inputs(job: TrainJob, plan: Plan) -> list[Artifact]:
+    """Every artifact the run reads: latents and captions (of the composites too), the precomputed text
+    embeddings, and the run it starts from when fine-tuning."""
+    inputs = [job.latents, job.captions, *(job.composites or ()), *job.text_embeddings]
+    return inputs if plan.initial_run is None else [*inputs, plan.initial_run]

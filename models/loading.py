@@ -1,5 +1,6 @@
-"""Model loading: any model reference to a loadable path (`resolve_model`), and a training run's denoiser from
-its `final/` weights or a kept checkpoint's EMA or raw weights (`load_checkpoint`).
+"""Model loading: any model reference to a loadable path (`resolve_model`), a finished train run by folder or
+fingerprint (`train_run`), and a run's denoiser from its `final/` weights or a kept checkpoint's EMA or raw
+weights (`load_checkpoint`).
 
 A `tiny:*` reference is built on first use under `<workspace>/models/` (or is a committed trained model, see
 `t2i.models.tiny`); a Hub id or a local path is returned unchanged, so the loading code is the real one either
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from t2i.data.store import CHECKPOINTS, FINAL, atomic_path, checkpoint_dirs
+from t2i.data.store import CHECKPOINTS, FINAL, MANIFEST, Artifact, atomic_path, checkpoint_dirs
 from t2i.data.versions import TINY_MODELS
 from t2i.models.tiny import BUILDERS, TINY_PREFIX, TRAINED, WEIGHTS_DIR, is_tiny
 
@@ -104,3 +105,35 @@ def load_checkpoint(root: Path, name: str, device: str, use_ema: bool = True):
         else:
             model.load_state_dict(state["model"])
     return model.eval(), meta
+
+
+def train_run(ref: str, workspace: str | Path, field: str) -> Artifact:
+    """A finished train run, given as its folder (`<workspace>/train/<fingerprint>`, any workspace) or as a
+    fingerprint under this `workspace`; `field` names the config field in errors."""
+    path = Path(ref).expanduser()
+    if not path.is_dir() and (Path(workspace) / "train" / ref).is_dir():
+        path = Path(workspace) / "train" / ref
+    path = path.resolve()
+    if not (path / MANIFEST).is_file() or not (path / FINAL / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{field}: {ref!r} is not a finished train run (a folder with {MANIFEST} and {FINAL}/config.json, "
+            "as `t2i train` or `t2i import-model` write; `t2i status` prints the train folder)"
+        )
+    return Artifact(path.parents[1], path.parent.name, path.name)
+
+
+def initial_run_meta(run: Artifact, architecture: str, text_encoder: str) -> dict[str, Any]:
+    """`final/config.json` of the run a fine-tuning run starts from (`train.init_from`); refused before any
+    work when its denoiser or text encoder is not the one this config trains with."""
+    meta = json.loads((run.root / FINAL / "config.json").read_text())
+    if meta.get("architecture", "dit") != architecture:
+        raise ValueError(
+            f"train.init_from: {run.root} is a {meta.get('architecture', 'dit')} run; "
+            f"set train.model={meta.get('architecture', 'dit')} to fine-tune it"
+        )
+    if meta["text_encoder"]["encoder"] != text_encoder:
+        raise ValueError(
+            f"train.init_from: {run.root} reads text from {meta['text_encoder']['encoder']!r}, this config "
+            f"from {text_encoder!r}; set text.encoder={meta['text_encoder']['encoder']}"
+        )
+    return meta

@@ -7,13 +7,15 @@ sampler `step`; `Objective.sample` is the one sampling loop, shared by the evalu
 previews and the exported pipeline (through its scheduler, which steps with the same methods).
 
 `model_fn(x_t, t, text, text_mask) -> prediction` everywhere (the signature of `DiT.forward`); t is a (B,)
-float. A model that returns more channels than the latent has (learn_sigma) is read on its first C.
+float. A model that returns more channels than the latent has (learn_sigma) is read on its first C. A
+sampling callable that sets `branch_aware = True` (CAD-I's `SelfConditionedSampling`) is also told which
+rows of each call are the conditional branch of guidance (`conditional=`, (B,) bool).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -48,25 +50,39 @@ def guide(
     guidance_scale: float,
 ) -> Tensor:
     """Classifier-free guidance p = p_u + s(p_c − p_u) of an ε or velocity prediction, in one model call on a
-    doubled batch.
+    doubled batch (unconditional rows first).
 
-    `null_text` (1 or B, L0, D) is the empty-prompt embedding; it is broadcast to the batch and padded to
-    the text length (padding masked). With `null_text=None` the conditional model is used alone.
+    `null_text` (1 or B, L0, D) is the unconditional text (the empty prompt, or one per sample); it is
+    broadcast to the batch and padded to the text length (padding masked). With `null_text=None` the
+    conditional model is used alone.
     """
     mask = mask.bool()
-    if null_text is None:
-        return model_fn(x, t, text, mask)[:, : x.shape[1]]
     batch = x.shape[0]
+    if null_text is None:
+        return call_branches(model_fn, x, t, text, mask, x.new_ones(batch, dtype=torch.bool))[:, : x.shape[1]]
     null_text = null_text.expand(batch, -1, -1)
     null_mask = null_mask.bool().expand(batch, -1)
     length = max(text.shape[1], null_text.shape[1])
     text, mask = pad_text(text, mask, length)
     null_text, null_mask = pad_text(null_text.to(text.dtype), null_mask, length)
-    both = model_fn(
-        torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_text, text]), torch.cat([null_mask, mask])
+    conditional_rows = torch.arange(2 * batch, device=x.device) >= batch
+    both = call_branches(
+        model_fn,
+        torch.cat([x, x]),
+        torch.cat([t, t]),
+        torch.cat([null_text, text]),
+        torch.cat([null_mask, mask]),
+        conditional_rows,
     )
     unconditional, conditional = both[:, : x.shape[1]].chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def call_branches(model_fn: ModelFn, x: Tensor, t: Tensor, text: Tensor, mask: Tensor, conditional: Tensor):
+    """`model_fn(x, t, text, mask)`, plus `conditional` (B,) bool when the callable is `branch_aware`."""
+    if getattr(model_fn, "branch_aware", False):
+        return model_fn(x, t, text, mask, conditional=conditional)
+    return model_fn(x, t, text, mask)
 
 
 def sampling_noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
@@ -146,17 +162,22 @@ class Objective:
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+        unguided_steps: int = 0,
     ) -> Tensor:
-        """From pure noise (drawn with `sampling_noise`) down the `times` grid in `steps` guided steps.
+        """From pure noise (drawn with `sampling_noise`) down the `times` grid in `steps` steps, guided from
+        step `unguided_steps` on (the first ones call the conditional model alone; the paper's sampler: 1).
 
         `progress` wraps the step indices (the exported pipeline passes its progress bar).
         """
+        if unguided_steps < 0:
+            raise ValueError(f"unguided_steps: {unguided_steps}; allowed: 0 or more")
         device = text.device
         x = sampling_noise(shape, generator, device)
         times = self.times(steps or self.default_steps, device)
         for i in progress(range(len(times) - 1)):
             t_batch = torch.full((shape[0],), float(times[i]), device=device)
-            prediction = guide(model_fn, x, t_batch, text, mask, null_text, null_mask, guidance_scale).float()
+            null = (null_text, null_mask) if i >= unguided_steps else (None, None)
+            prediction = guide(model_fn, x, t_batch, text, mask, *null, guidance_scale).float()
             x = self.step(x, prediction, times[i], times[i + 1], generator)
         return x
 
@@ -168,8 +189,12 @@ class Epsilon(Objective):
 
     t is kept a hair away from 0 and 1 so an x0 estimate (x_t − √(1−γ)ε̂)/√γ stays finite and t = 0 is
     never fed to the model exactly. Sampling is DDIM from `t_start` < 1 (γ > 0 there) down to 0: `ddim`
-    (eta = 0) or `ddpm` (eta = 1, DDPM's ancestral sampler); `clip_x0` optionally clamps the x0 estimate
-    (off by default: latents are not bounded).
+    (eta = 0) or `ddpm` (eta = 1, DDPM's ancestral sampler); `clamp_x0` optionally clamps the x0 estimate
+    to ±clamp_x0 and recomputes ε from it (off by default: latents are not bounded).
+
+    `gamma_min` switches to the paper's grid: t_i = 1 − i/N computed in float32 as its sampler does, from
+    pure noise, with γ floored at `gamma_min` where it would fall below (the paper: 1e-9, at t = 1 only);
+    `t_start` is then unused.
     """
 
     samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm")
@@ -178,7 +203,14 @@ class Epsilon(Objective):
     t_min: float = 1e-5
     t_max: float = 1.0 - 1e-5
     t_start: float = 1.0 - 1e-3
-    clip_x0: float | None = None
+    clamp_x0: float | None = None
+    gamma_min: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clamp_x0 is not None and not self.clamp_x0 > 0:
+            raise ValueError(f"clamp_x0: {self.clamp_x0}; allowed: a positive number or None")
+        if self.gamma_min is not None and not 0 < self.gamma_min < 1:
+            raise ValueError(f"gamma_min: {self.gamma_min}; allowed: a number in (0, 1) or None")
 
     @staticmethod
     def gamma(t: Tensor) -> Tensor:
@@ -197,16 +229,21 @@ class Epsilon(Objective):
         return self.t_min + (self.t_max - self.t_min) * u
 
     def times(self, steps: int, device=None) -> Tensor:
-        """The `steps + 1` times DDIM visits, t_start down to 0, in float64."""
-        return torch.linspace(self.t_start, 0.0, steps + 1, device=device, dtype=torch.float64)
+        """The `steps + 1` times DDIM visits, t_start (or, with gamma_min, 1 − gamma_min) down to 0, in
+        float64."""
+        if self.gamma_min is None:
+            return torch.linspace(self.t_start, 0.0, steps + 1, device=device, dtype=torch.float64)
+        paper = 1 - torch.arange(steps + 1, device=device, dtype=torch.float32) / steps
+        times = paper.to(torch.float64)
+        return torch.where(1 - times < self.gamma_min, 1 - self.gamma_min, times)
 
     def step(self, x: Tensor, prediction: Tensor, t_now: Tensor, t_next: Tensor, generator=None) -> Tensor:
         """One DDIM update from t_now to t_next given the (guided) ε; eta = 1 (`ddpm`) adds fresh noise."""
         eta = 1.0 if self.sampler == "ddpm" else 0.0
         eps, g_now, g_next = prediction, self.gamma(t_now), self.gamma(t_next)
         x0 = (x - (1 - g_now).sqrt() * eps) / g_now.sqrt()
-        if self.clip_x0 is not None:
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+        if self.clamp_x0 is not None:
+            x0 = x0.clamp(-self.clamp_x0, self.clamp_x0)
             eps = (x - g_now.sqrt() * x0) / (1 - g_now).sqrt()
         sigma = eta * ((1 - g_next) / (1 - g_now) * (1 - g_now / g_next)).clamp_min(0).sqrt()
         x = g_next.sqrt() * x0 + (1 - g_next - sigma**2).clamp_min(0).sqrt() * eps
@@ -263,10 +300,16 @@ OBJECTIVES: dict[str, type[Objective]] = {"epsilon": Epsilon, "rectified_flow": 
 
 def objective(name: str, sampler: str = "auto", **options) -> Objective:
     """The objective `name` (`epsilon`, `rectified_flow`) sampling with `sampler` (`auto`: its first); a
-    sampler that does not fit the objective is refused. `options` are the class's fields."""
+    sampler or an option that does not fit the objective is refused. `options` are the class's fields."""
     cls = OBJECTIVES[name]
     sampler = cls.samplers[0] if sampler == "auto" else sampler
     if sampler not in cls.samplers:
         allowed = ", ".join(["auto", *cls.samplers])
         raise ValueError(f"evaluate.sampler: {sampler!r} does not fit a {name} model; allowed: {allowed}")
+    known = [f.name for f in fields(cls) if f.name != "sampler"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)}: not an option of the {name} objective; its options: {', '.join(known)}"
+        )
     return cls(sampler=sampler, **options)

@@ -10,9 +10,18 @@ import torch
 
 
 def load_vae(path: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None):
+    """A local folder, a Hub id, or a Hub id with a subfolder (`owner/name/vae`: a pipeline repo's VAE)."""
+    from pathlib import Path
+
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(path, revision=revision, torch_dtype=getattr(torch, dtype))
+    subfolder = None
+    if not Path(path).exists() and path.count("/") >= 2 and not path.startswith((".", "/", "~")):
+        owner, name, subfolder = path.split("/", 2)
+        path = f"{owner}/{name}"
+    vae = AutoencoderKL.from_pretrained(
+        path, subfolder=subfolder, revision=revision, torch_dtype=getattr(torch, dtype)
+    )
     return vae.to(device).eval().requires_grad_(False)
 
 

@@ -20,7 +20,14 @@ from t2i.models.captioners import CLASS_TEMPLATE
 from t2i.models.loading import checkpoint_names, load_checkpoint, resolve_model
 from t2i.tasks.model_cache import pick_device
 from t2i.tasks.reporting import Progress, publish_markdown, run_logger
-from t2i.tasks.sampling import decoding_vae, image_grid, prompt_encoder, sample_images, save_png
+from t2i.tasks.sampling import (
+    decoding_vae,
+    image_grid,
+    prompt_encoder,
+    sample_images,
+    sampling_options,
+    save_png,
+)
 from t2i.tasks.train_batches import step_generator
 
 if TYPE_CHECKING:
@@ -221,10 +228,10 @@ def evaluate_checkpoint(
                 "(`huggingface-cli download <id>`), point the field at a local folder, or set it to null"
             ) from exc
     jobs = [(p, k) for p in prompts for k in range(cfg.images_per_prompt)]
-    vae = decoding_vae(latents_cfg, artifact.workspace, device)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         model, meta = load_checkpoint(checkpoints.root, name, device, cfg.use_ema)
+        vae = decoding_vae(latents_cfg, artifact.workspace, device, meta)  # loaded once (cached)
         image_dir = artifact.root / "images" / (name if len(names) > 1 else "")
         paths = sample_prompts(cfg, model, meta, vae, jobs, image_dir, artifact.workspace, device, name)
         images = [Image.open(paths[(p.index, k)]).convert("RGB") for p, k in jobs]
@@ -272,7 +279,7 @@ def sample_prompts(
         texts = [p.text for p, _ in batch]
         generator = step_generator(cfg.seed, b)
         pixels = sample_images(
-            model, meta, vae, encoder, texts, cfg.sampler, cfg.steps, cfg.guidance_scale, generator
+            model, meta, vae, encoder, texts, sampling_options(cfg), cfg.steps, cfg.guidance_scale, generator
         )
         for (p, k), px in zip(batch, pixels, strict=True):
             save_png(Image.fromarray(px), paths[(p.index, k)])

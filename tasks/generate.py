@@ -83,7 +83,7 @@ class TrainedRun:
     def vae(self):
         from t2i.tasks.sampling import decoding_vae
 
-        return decoding_vae(self.cfg.latents, self.cfg.workspace_path, self.device)
+        return decoding_vae(self.cfg.latents, self.cfg.workspace_path, self.device, self.meta)
 
     @functools.cached_property
     def encoder(self):
@@ -92,18 +92,20 @@ class TrainedRun:
         return prompt_encoder(self.meta, self.cfg.workspace_path, self.device)
 
     def sample(self, texts: list[str], steps: int, guidance: float, generator):
-        from t2i.tasks.sampling import sample_images
+        from t2i.tasks.sampling import sample_images, sampling_options
 
-        args = (self.cfg.evaluate.sampler, steps, guidance, generator)
+        args = (sampling_options(self.cfg.evaluate), steps, guidance, generator)
         return sample_images(self.model, self.meta, self.vae, self.encoder, texts, *args)
 
 
 def sampling_settings(cfg: PipelineConfig, request: GenerateRequest) -> dict:
     """The request with the steps and guidance it leaves to the configuration filled in, and the sampler:
     everything the images depend on besides the weights."""
+    from t2i.tasks.sampling import sampling_options
+
     steps = request.steps or cfg.evaluate.steps
     guidance = cfg.evaluate.guidance_scale if request.guidance is None else request.guidance
-    return {**request.model_dump(), "steps": steps, "guidance": guidance, "sampler": cfg.evaluate.sampler}
+    return {**request.model_dump(), "steps": steps, "guidance": guidance, **sampling_options(cfg.evaluate)}
 
 
 def generate(run: TrainedRun, request: GenerateRequest, settings: dict, out: Path) -> list[Path]:

@@ -39,6 +39,24 @@ def header(cfg: PipelineConfig, arch: str) -> list[str]:
     ]
 
 
+def imported_rows(run, train: dict[str, Any]) -> list[str]:
+    """The card's provenance of a run `t2i import-model` made: the released weights it converted."""
+    origin, meta = train["imported_from"], run.meta
+    text, vae = meta["text_encoder"], meta.get("vae", {}).get("vae", "?")
+    revision = f" (revision `{origin['revision']}`)" if origin.get("revision") else ""
+    rows = [
+        ("denoiser", f"{ARCHITECTURES['cad']}, {train['parameters']:,} parameters"),
+        (
+            "weights",
+            f"imported from `{origin['source']}`{revision}, the paper's released model; sha256 "
+            f"`{origin['weights_sha256'][:16]}…`; not trained by this pipeline",
+        ),
+        ("text encoder", f"`{text['encoder']}`, up to {text['max_length']} tokens"),
+        ("VAE", f"`{vae}`"),
+    ]
+    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
 def training_rows(cfg: PipelineConfig, plan: Plan, train: dict[str, Any]) -> list[str]:
     t = train["config"]["train"]
     images = plan.images.read_manifest() if plan.images.is_complete() else {}
@@ -57,6 +75,8 @@ def training_rows(cfg: PipelineConfig, plan: Plan, train: dict[str, Any]) -> lis
         ("text encoder", f"`{text['encoder']}`, up to {text['max_length']} tokens"),
         ("VAE / resolution", f"`{cfg.latents.vae}`, {cfg.latents.resolution} px"),
     ]
+    if init := train["inputs"].get("init"):
+        rows.append(("initialised from", f"train run `{init}` (`train.init_from`), then fine-tuned"))
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
 
@@ -99,12 +119,14 @@ def model_card(cfg: PipelineConfig, run, out: Path, location: str) -> None:
         *header(cfg, arch),
         f"# t2i-imagenet `{cfg.preset}`: {ARCHITECTURES[arch].split(' (')[0]}",
         "",
-        f"A text-to-image diffusion model trained with the recipe of *{PAPER}*: long captions written by a "
+        f"The released CAD-I of *{PAPER}*, imported by `t2i import-model`."
+        if "imported_from" in train
+        else f"A text-to-image diffusion model trained with the recipe of *{PAPER}*: long captions written by a "
         "vision-language model, CutMix composites, a diffusion transformer on VAE latents.",
         "",
         "## Training",
         "",
-        *training_rows(cfg, plan, train),
+        *(imported_rows(run, train) if "imported_from" in train else training_rows(cfg, plan, train)),
         "",
         "## Evaluation",
         "",

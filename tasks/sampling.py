@@ -23,13 +23,17 @@ from t2i.tasks.model_cache import cached_model
 from t2i.tasks.text import OnlineText
 
 if TYPE_CHECKING:
-    from t2i.flows.config import LatentsConfig
+    from t2i.flows.config import EvaluateConfig, LatentsConfig
 
 
-def decoding_vae(latents_cfg: LatentsConfig, workspace: Path, device: str):
-    """The VAE of the latents stage, in float32, that decodes samples to pixels."""
-    path = resolve_model(latents_cfg.vae, workspace)
-    return cached_model("vae", path=path, device=device, dtype="float32", revision=latents_cfg.revision)
+def decoding_vae(
+    latents_cfg: LatentsConfig, workspace: Path, device: str, meta: dict[str, Any] | None = None
+):
+    """The VAE that decodes samples to pixels, in float32: the one the run names (an imported run's decoder),
+    else the latents stage's."""
+    vae = (meta or {}).get("vae") or {"vae": latents_cfg.vae, "revision": latents_cfg.revision}
+    path = resolve_model(vae["vae"], workspace)
+    return cached_model("vae", path=path, device=device, dtype="float32", revision=vae.get("revision"))
 
 
 def prompt_encoder(meta: dict[str, Any], workspace: Path, device: str) -> OnlineText:
@@ -69,24 +73,50 @@ def sample_pixels(
     return decode_latents(vae, to_vae_latents(z, latent_norm))
 
 
+def sampling_options(evaluate_cfg: EvaluateConfig) -> dict[str, Any]:
+    """The sampler and its settings from `evaluate` (besides steps and guidance); the paper's settings only
+    when set, so the records and digests of the defaults stay what they were."""
+    options: dict[str, Any] = {"sampler": evaluate_cfg.sampler}
+    for name in ("clamp_x0", "unconditional", "gamma_min", "unguided_steps"):
+        value = getattr(evaluate_cfg, name)
+        if value != type(evaluate_cfg).model_fields[name].default:
+            options[name] = value
+    return options
+
+
+def unconditional_text(encoder: OnlineText, options: dict[str, Any], batch: int, generator):
+    """Guidance's unconditional branch: the empty text (what training dropped captions to), or the paper's
+    random words, drawn from the batch's generator."""
+    if options.get("unconditional", "empty") == "empty":
+        return encoder.encode([None])
+    import torch
+
+    from t2i.models.cad_official import paper_unconditional_prompts
+
+    seed = int(torch.randint(2**31 - 1, (), generator=generator))
+    return encoder.encode(paper_unconditional_prompts(batch, seed))
+
+
 def sample_images(
     model,
     meta,
     vae,
     encoder: OnlineText,
     texts: list[str],
-    sampler: str,
+    options: dict[str, Any],
     steps: int,
     guidance: float,
     generator,
 ) -> np.ndarray:
     """One batch of prompts → uint8 images (B, H, W, 3) with a finished run's denoiser and its `meta`
-    (`final/config.json`). `t2i evaluate` and `t2i generate` both sample here."""
+    (`final/config.json`), sampled with `options` (`sampling_options`). `t2i evaluate` and `t2i generate`
+    both sample here."""
     text, mask = encoder.encode(texts)
-    null_text, null_mask = encoder.encode([None])
+    null_text, null_mask = unconditional_text(encoder, options, len(texts), generator)
+    extra = {k: options[k] for k in ("clamp_x0", "gamma_min", "unguided_steps") if k in options}
     return sample_pixels(
         meta.get("objective", "epsilon"),
-        sampler,
+        options["sampler"],
         model,
         vae,
         meta["latent_shape"],
@@ -98,6 +128,7 @@ def sample_images(
         steps=steps,
         guidance_scale=guidance,
         generator=generator,
+        **extra,
     )
 
 

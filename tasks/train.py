@@ -22,21 +22,23 @@ import numpy as np
 import torch
 from prefect import task
 
-from t2i.data.store import CHECKPOINTS, Artifact, atomic_path, checkpoint_dirs
+from t2i.data.store import CHECKPOINTS, FINAL, Artifact, atomic_path, checkpoint_dirs
 from t2i.data.train_data import TrainTable, build_train_table, collate_text_rows
-from t2i.models.architectures import build_denoiser
+from t2i.flows.config import ConfigError
+from t2i.models.architectures import build_denoiser, denoiser_from_config
 from t2i.models.cad import self_conditioned_forward
 from t2i.models.conditioning import apply_text_dropout, trim_padding
 from t2i.models.dit import count_parameters
 from t2i.models.ema import EMA
 from t2i.models.latent_norm import LatentNorm, describe_latent_norm
-from t2i.models.loading import resolve_model
+from t2i.models.loading import initial_run_meta, resolve_model, train_run
 from t2i.models.lr_schedule import lr_factor
 from t2i.models.objectives import Objective, objective, pad_text
 from t2i.tasks.checkpoints import CheckpointWriter, load_state, save_final
 from t2i.tasks.model_cache import cached_model, pick_device
 from t2i.tasks.reporting import publish_markdown, run_logger
 from t2i.tasks.text import OnlineText, TextShapes, load_encoder
+from t2i.tasks.trackers import Trackers, accelerate_trackers, redact, require_trackers, start_trackers
 from t2i.tasks.train_batches import StepBatches, batch_loader
 from t2i.tasks.train_job import TrainJob
 
@@ -54,6 +56,11 @@ class NonFiniteLoss(StopTraining):
 
 class CheckpointWriteFailed(StopTraining):
     pass
+
+
+class TrackersUnavailable(StopTraining):
+    """A tracker in `train.trackers` is not installed or could not start (credentials, server): every rank
+    stops before the first step."""
 
 
 def open_train_table(
@@ -101,7 +108,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 class SamplePreview:
     """Sample grids of fixed training captions with the EMA weights every `sample_every` steps: a PNG under
-    `samples/`, the TensorBoard image, and a Prefect markdown artifact pointing at the file.
+    `samples/`, the trackers' image, and a Prefect markdown artifact pointing at the file.
 
     Runs on the main process's training device (the denoiser copy is built once), so it takes seconds and
     the other ranks, waiting at the next gradient all-reduce, are never held long.
@@ -346,10 +353,10 @@ def compresses_gradients(cfg: TrainConfig, device: str) -> bool:
     return asked and device.startswith("cuda")
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, root: Path):
     """accelerate, told how this run trains: DDP with gradients all-reduced in bf16 (half the bytes of fp32)
     straight from their buckets (no copy), no per-step buffer broadcast (the denoisers' buffers are constant
-    tables)."""
+    tables); and where it logs: `train.trackers`, their local files in the run folder `root`."""
     from accelerate import Accelerator
     from accelerate.utils import (
         DDPCommunicationHookType,
@@ -370,7 +377,11 @@ def make_accelerator(cfg: TrainConfig):
         comm_hook=DDPCommunicationHookType.BF16 if bf16 else DDPCommunicationHookType.NO,
     )
     return Accelerator(
-        cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout, ddp]
+        cpu=device == "cpu",
+        mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[timeout, ddp],
+        log_with=accelerate_trackers(cfg.trackers, root),
+        project_dir=str(root),
     )
 
 
@@ -448,11 +459,33 @@ def resume_point(accelerator, root: Path, log) -> tuple[str | None, dict[str, An
     return name, found[1] if found else load_state(root / CHECKPOINTS / name)
 
 
-def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: Path, log):
-    """Model, EMA, optimizer and scheduler on the training device, resumed from the newest good checkpoint,
-    then prepared (DDP); the step to continue from."""
+def initial_weights(cfg: TrainConfig, text_encoder: str, workspace: Path, latent_shape, text_dim: int):
+    """(meta, final weights) of the run `train.init_from` names, checked against this run's latents and text
+    before any step; None without one. Every rank reads the file (memory-mapped safetensors)."""
+    if cfg.init_from is None:
+        return None
+    from safetensors.torch import load_file
+
+    run = train_run(cfg.init_from, workspace, "train.init_from")
+    meta = initial_run_meta(run, cfg.model, text_encoder)
+    model_cfg, (c, h, _) = meta["model_config"], latent_shape
+    if model_cfg["latent_channels"] != c or model_cfg["latent_size"] < h or model_cfg["text_dim"] != text_dim:
+        raise ConfigError(
+            f"train.init_from: {run.root} was trained on {model_cfg['latent_channels']}-channel latents up to "
+            f"{model_cfg['latent_size']}² with {model_cfg['text_dim']}-wide text; this run's are {c}-channel, "
+            f"{h}², {text_dim}-wide"
+        )
+    return meta, load_file(run.root / FINAL / "model.safetensors")
+
+
+def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: Path, log, start=None):
+    """Model, EMA, optimizer and scheduler on the training device (the model from the `start` weights when
+    fine-tuning), resumed from the newest good checkpoint, then prepared (DDP); the step to continue from."""
     torch.manual_seed(cfg.seed)
-    model = build().to(accelerator.device)
+    model = build()
+    if start is not None:
+        model.load_state_dict(start)
+    model = model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.final_lr_ratio)
@@ -470,6 +503,7 @@ def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: P
             f"[train] {cfg.model}-{cfg.size} (patch {model.config.patch_size}): "
             f"{count_parameters(model) / 1e6:.2f}M parameters, {len(text.table)} samples, "
             f"latents {shape}, normalised by {describe_latent_norm(latent_norm)}"
+            + (f", initialised from {cfg.init_from}" if start is not None else "")
         )
     trainer.model, trainer.optimizer = accelerator.prepare(model, optimizer)
     # compiled after DDP, as torch wants (here, not accelerate's dynamo plugin: its state is per process)
@@ -503,20 +537,20 @@ def after_step(trainer: Trainer, step: int, last_stop: int, steplog: StepLog, ou
         writer.wait(raise_error=False)
     if log_now or save_now:
         steplog.check(root, writer)
-    board = outputs.get("board")
+    trackers: Trackers | None = outputs.get("trackers")
     if log_now:
         stats = steplog.flush(trainer.scheduler.get_last_lr()[0])
         log.info(
             f"[train] step {step}/{cfg.steps} loss {stats['loss']:.4f} lr {stats['lr']:.2e} "
             f"grad-norm {stats['grad_norm']:.3f} {stats['samples_per_second']:.1f} samples/s"
         )
-        for name, value in stats.items() if board is not None else ():
-            board.add_scalar(f"train/{name}", value, step)
+        if trackers is not None:
+            trackers.scalars({f"train/{name}": value for name, value in stats.items()}, step)
     preview = outputs.get("preview")
     if preview is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
         grid = preview.sample(trainer.ema, step)
-        if board is not None:
-            board.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        if trackers is not None:
+            trackers.image("samples", grid, step)
     if save_now:
         if not weights_are_finite(trainer.model):  # the ranks hold the same weights: all stop here
             raise NonFiniteLoss(
@@ -542,17 +576,21 @@ class Run:
 def open_run(job: TrainJob, log) -> Run:
     """Accelerator, train tables, text, the model resumed from the newest good checkpoint, and the loader."""
     cfg, root = job.train, job.checkpoints.root
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, root)
     rank_batch(cfg, accelerator.num_processes)
     table, comps = train_tables(job)
     text = TrainText(job.text, table, job.checkpoints.workspace, accelerator.device, cfg.text_buckets)
     c, h, _ = table.latent_shape
+    initial = initial_weights(cfg, job.text.encoder, job.checkpoints.workspace, table.latent_shape, text.dim)
 
     def build() -> torch.nn.Module:
+        if initial is not None:  # fine-tuning: the starting run's architecture, as it was trained
+            return denoiser_from_config(initial[0]["architecture"], initial[0]["model_config"])
         sizes = {"latent_channels": c, "latent_size": h, "text_dim": text.dim, "patch_size": cfg.patch_size}
         return build_denoiser(cfg.model, cfg.size, **sizes)
 
-    trainer, step = build_trainer(cfg, accelerator, build, text, job.latent_norm, root, log)
+    start = None if initial is None else initial[1]
+    trainer, step = build_trainer(cfg, accelerator, build, text, job.latent_norm, root, log, start)
     last_stop = cfg.steps if job.stop_after is None else min(cfg.steps, job.stop_after)
     rank, world = accelerator.process_index, accelerator.num_processes
     dataset = StepBatches(
@@ -570,10 +608,14 @@ def train_denoiser(job: TrainJob) -> dict[str, Any]:
     probability cutmix_p says so.
     """
     cfg, log, root = job.train, run_logger(), job.checkpoints.root
+    try:
+        require_trackers(cfg.trackers)
+    except ConfigError as exc:  # on every rank: a restart would meet it again
+        raise TrackersUnavailable(str(exc)) from None
     run = open_run(job, log)
     trainer, step, batches = run.trainer, run.step, run.batches
     syncs, first, steplog = watch_gradient_syncs(trainer.model, cfg), step, StepLog(trainer.accelerator)
-    outputs = rank_outputs(job, trainer.accelerator, trainer.text, run.build)
+    outputs = rank_outputs(job, trainer.accelerator, trainer.text, run.build, step, log)
     try:
         while step < run.last_stop:
             t_step = time.perf_counter()
@@ -586,10 +628,11 @@ def train_denoiser(job: TrainJob) -> dict[str, Any]:
     except BaseException:
         if "writer" in outputs:  # the step's error is the one to report, not a failed write's
             outputs["writer"].wait(raise_error=False)
+        if "trackers" in outputs:
+            outputs["trackers"].finish(failed=True)
         raise
-    finally:
-        if "board" in outputs:
-            outputs["board"].close()
+    if "trackers" in outputs:
+        outputs["trackers"].finish(failed=False)
     if "writer" in outputs:
         outputs["writer"].wait(raise_error=False)
     steplog.check(root, outputs.get("writer"))  # the last write too: every rank stops if it failed
@@ -599,19 +642,29 @@ def train_denoiser(job: TrainJob) -> dict[str, Any]:
     return result
 
 
-def rank_outputs(job: TrainJob, accelerator, text: TrainText, build) -> dict[str, Any]:
-    """What the main process writes besides training: checkpoints (in the background), TensorBoard, previews."""
-    outputs: dict[str, Any] = {"root": job.checkpoints.root}
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
+def rank_outputs(job: TrainJob, accelerator, text: TrainText, build, step: int, log) -> dict[str, Any]:
+    """What the main process writes besides training: checkpoints (in the background), previews, and the
+    trackers' logs, continuing the run's tracker runs from `step`. A tracker that cannot start stops every
+    rank here, before the first step."""
+    from accelerate.utils import broadcast_object_list
 
-        cfg, root = job.train, job.checkpoints.root
+    cfg, root = job.train, job.checkpoints.root
+    outputs: dict[str, Any] = {"root": root}
+    error = None
+    if accelerator.is_main_process:
         outputs["writer"] = CheckpointWriter(root, cfg.keep_checkpoints)
-        outputs["board"] = SummaryWriter(str(root / "tensorboard"))
         if job.vae_path and cfg.sample_prompts:
             outputs["preview"] = SamplePreview(
                 root, job.vae_path, text, cfg.sample_prompts, job.latent_norm, cfg, build, accelerator.device
             )
+        if cfg.trackers:
+            try:
+                outputs["trackers"] = start_trackers(accelerator, job, step, log)
+            except Exception as exc:
+                reason = redact(f"{type(exc).__name__}: {exc}")
+                error = f"train: a tracker of train.trackers ({', '.join(cfg.trackers)}) could not start: {reason}"
+    if cfg.trackers and (error := broadcast_object_list([error], from_process=0)[0]) is not None:
+        raise TrackersUnavailable(error)
     return outputs
 
 

@@ -100,7 +100,12 @@ def prefect_server(tmp_path_factory):
     """A real `prefect server` on 127.0.0.1 for subprocess runs (CLI, serve); yields its API URL."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",  # its UI calls this server, not port 4200
+    }
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")  # noqa: SIM115  (outlives this block: the server writes to it)
     proc = subprocess.Popen(

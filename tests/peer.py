@@ -34,10 +34,11 @@ and omegaconf are not dependencies of ours. `official_network_config("L" | "base
 text_ldm.yaml` (widths, depths, heads). Checked once against hydra-core 1.3.8's own `compose` on the four
 ImageNet-256 overrides (L, base, each with and without `_cutmix`): the same tree, less Hydra's `hydra` node.
 
-Note for weight conversion: the training configs build `RINTextCond`, but the released Hub checkpoint is
-loaded by `pipe.py` into `CAD(CADRINTextCond)`, the coherence-aware variant (an extra coherence embedder and
-token: 331.55M parameters at the L configuration against RINTextCond's 330.24M); pass its `_target_`
-(`models.networks.rin.CADRINTextCond`) to `official_network_class` to build that one.
+Note for weight conversion (`t2i.models.cad_official`): the training configs build `RINTextCond`, but the
+released Hub checkpoint is loaded by `pipe.py` into `CAD(CADRINTextCond)`, the coherence-aware variant (an
+extra coherence embedder and token: 331.55M parameters at the L configuration against RINTextCond's
+330.24M); pass its `_target_` (`models.networks.rin.CADRINTextCond`) to `official_network_class` (or as an
+override to `build_official_network`) to build that one.
 """
 
 from __future__ import annotations
@@ -379,20 +380,25 @@ def build_official_network(size: str = "L", **overrides: Any):
     return cls(**kwargs)
 
 
-def official_batch(network, x, t, text, text_mask, latents_prev=None) -> dict[str, Any]:
-    """Our call convention — x (B, C, H, W), t (B,) in [0, 1], text (B, L, D), text_mask (B, L) True = real,
-    latents from the previous step or None — as the dict the official network takes (`network(batch)`
-    returns (output, latents)). None becomes zeros, as the peer's `DDPMPrecond` does."""
+def official_batch(network, x, t, text, text_mask, latents_prev=None, coherence=None) -> dict[str, Any]:
+    """Our call convention — x (B, C, H, W), t (B,) in [0, 1] with t = 0 clean, text (B, L, D), text_mask (B, L)
+    True = real, latents from the previous step or None, coherence (B,) or None — as the dict the official
+    network takes (`network(batch)` returns (output, latents)): its `gamma` is our 1 − t (the signal
+    fraction, 1 = clean), None latents become zeros as the peer's `DDPMPrecond` makes them, None coherence
+    is 1.0 (`CADRINTextCond` reads it, `RINTextCond` ignores it)."""
     import torch
 
     if latents_prev is None:
         latents_prev = torch.zeros(
             x.shape[0], network.num_latents, network.latents_dim, device=x.device, dtype=x.dtype
         )
+    if coherence is None:
+        coherence = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
     return {
         "y": x,
-        "gamma": t,
+        "gamma": 1 - t,
         "previous_latents": latents_prev,
         "text_tokens_embeddings": text,
         "text_tokens_mask": text_mask.bool(),
+        "coherence": coherence,
     }

@@ -4,7 +4,10 @@ paper's ImageNet-256 L text-to-image model (`configs/overrides/imagenet_256_rin_
 from the peer's own config files at run time by `tests/peer.py`: latent 4×32×32, patch 2, data width 256,
 256 latents of width 1024, 4 blocks × 4 processing layers, flan-t5-xl width 2048, 16 text registers).
 
-Both are built randomly initialised by their own constructors, float32 on the CPU, in one process. One batch
+Ours computes the same function: the official network is built randomly initialised by its own constructor
+(float32, CPU), and ours gets its weights through `t2i.models.cad_official` (renaming only); the first
+lines report both parameter counts and the largest relative difference of the two outputs on the batch
+below (float32; 0 on the CPU, where both run the same operations in the same order). One batch
 (`--batch` latents, `--text-len` T5 tokens with a realistic padding mask: per-sample lengths drawn between 8
 and the full length, padded positions zero as the peer's collate leaves them) is run forward + backward
 (loss = mean squared output) in two conditions: without self-conditioning latents (ours: `latents_prev=None`;
@@ -23,7 +26,7 @@ each model's heaviest ops over one more step.
 
 Last line: `CAD-I L ÷ official RIN L forward+backward: R (params X.XM vs Y.YM, Δ Z%)` — R: median time of
 ours over median time of the official network, both conditions pooled; Δ: our parameter count relative
-to theirs (targets: R ≤ 1.0, |Δ| ≤ 2%). At the defaults: 2 + 8 model steps of ~1 TFLOP each (batch 2),
+to theirs (targets: R ≤ 1.0, Δ = 0). At the defaults: 2 + 8 model steps of ~1 TFLOP each (batch 2),
 about 2–3 minutes on 2 idle cores; on a busy machine much longer (raise `--reps` there: each one adds 4
 steps). Prints one line saying why and exits 0 when the official code is absent
 (`../shared/peer/T2I-ImageNet`, or `$T2I_PEER_ROOT`) or cannot be imported. Run it alone.
@@ -42,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's `tests`, not site-packages'
 
-from t2i.models.cad import build_cad, count_parameters  # noqa: E402
+from t2i.models.cad import CAD, count_parameters  # noqa: E402
+from t2i.models.cad_official import official_to_config, state_from_official  # noqa: E402
 from tests.peer import (  # noqa: E402
     OFFICIAL_OVERRIDES,
     PeerUnavailable,
@@ -129,8 +133,9 @@ def main() -> None:
     except PeerUnavailable as exc:
         print(f"skipped: official network unavailable: {exc}")
         return
-    torch.manual_seed(0)
-    ours = build_cad("L")
+    ours_config = official_to_config(config)
+    ours = CAD(ours_config)
+    ours.load_state_dict(state_from_official(theirs.state_dict(), ours_config))
     ours.train(), theirs.train()
     cfg = ours.config
     print(
@@ -158,7 +163,7 @@ def main() -> None:
         f"ours:     CAD-I L — latent_size={cfg.latent_size}, latent_channels={cfg.latent_channels}, "
         f"patch_size={cfg.patch_size}, data_width={cfg.data_width}, num_latents={cfg.num_latents}, "
         f"width={cfg.width}, blocks={cfg.blocks}, layers_per_block={cfg.layers_per_block}, heads={cfg.heads}, "
-        f"data_heads={cfg.data_heads}, text_dim={cfg.text_dim}, num_registers={cfg.num_registers}"
+        f"read_write_heads={cfg.read_write_heads}, text_dim={cfg.text_dim}, num_registers={cfg.num_registers}"
     )
     if (cfg.latent_channels, cfg.latent_size, cfg.text_dim) != (
         config["num_input_channels"],
@@ -180,6 +185,11 @@ def main() -> None:
         (config["num_latents"], config["latents_dim"]),
     )
     fns = step_fns(ours, theirs, inp)
+    with torch.no_grad():
+        for condition in CONDITIONS:
+            a, b = fns["ours"][condition](), fns["official"][condition]()
+            difference = ((a - b).abs().max() / b.abs().max()).item()
+            print(f"same function, {condition}: max relative difference {difference:.2e} (float32)")
     models = {"ours": ours, "official": theirs}
     print(
         f"batch {args.batch}, text {args.text_len} tokens (real lengths {inp['lengths']}), "

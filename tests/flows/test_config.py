@@ -1,7 +1,11 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from t2i.flows.config import ConfigError, available_presets, load_config
+from t2i.flows.plan import Plan
 
 
 def test_presets_validate_and_keep_the_papers_numbers():
@@ -66,6 +70,16 @@ def test_workspace_from_argument_then_environment(monkeypatch, tmp_path):
         ),
         (["train.steps"], r"expected section\.field=value"),
         (["train.latent_crop=6"], r"train: .*latent_crop \(6\) must be a multiple of patch_size \(4\)"),
+        (["download.wds_class=label"], r"download\.wds_class: String should match pattern"),
+        (
+            ["train.trackers=[neptune]"],
+            r"train\.trackers\.0: Input should be 'tensorboard', 'wandb', 'mlflow'",
+        ),
+        (["train.trackers=[wandb, wandb]"], r"train\.trackers: .*trackers listed twice"),
+        (
+            ["evaluate.unconditional=noise"],
+            r"evaluate\.unconditional: Input should be 'empty' or 'random_words'",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(overrides, expected):
@@ -106,3 +120,46 @@ def test_imagenet256_encodes_text_in_bfloat16(workspace):
     assert {p.dtype for p in encoder.model.parameters()} == {torch.bfloat16}
     hidden, mask = encoder.encode(["a red circle"])
     assert hidden.dtype.is_floating_point and mask.any()
+
+
+def _finished_run(root: Path, architecture: str = "cad", encoder: str = "tiny:t5") -> Path:
+    """A train run folder as our loaders see it: a manifest and `final/config.json`."""
+    (root / "final").mkdir(parents=True)
+    (root / "manifest.json").write_text("{}")
+    meta = {"architecture": architecture, "text_encoder": {"encoder": encoder}}
+    (root / "final" / "config.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_a_runs_fingerprint_not_its_path_enters_what_is_made_from_it(tmp_path):
+    """`train.init_from` and `evaluate.run` name a run by folder; the run's fingerprint is the input, so the
+    same run mounted elsewhere gives the same artifacts, and another run gives other ones."""
+    run = _finished_run(tmp_path / "a" / "train" / "0123abcd")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    other = _finished_run(tmp_path / "a" / "train" / "4567ef01")
+    base = ["train.model=cad"]
+    plans = {
+        name: Plan(load_config("tiny", [*base, f"train.init_from={path}", f"evaluate.run={path}"], workspace=str(tmp_path / "ws")))
+        for name, path in (("a", run), ("b", tmp_path / "b" / "train" / "0123abcd"), ("other", other))
+    }  # fmt: skip
+    assert plans["a"].checkpoints.extra["inputs"]["init"] == "0123abcd"
+    assert plans["a"].checkpoints.fingerprint == plans["b"].checkpoints.fingerprint
+    assert plans["a"].checkpoints.fingerprint != plans["other"].checkpoints.fingerprint
+    assert plans["a"].evaluation.extra["inputs"] == {"train": "0123abcd"}
+    assert plans["a"].evaluation.fingerprint == plans["b"].evaluation.fingerprint
+    unset = Plan(load_config("tiny", base, workspace=str(tmp_path / "ws")))
+    assert "init" not in unset.checkpoints.extra["inputs"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.model=dit"], r"train\.init_from: .* is a cad run; set train\.model=cad"),
+        (["train.model=cad", "text.encoder=google/flan-t5-xl"], r"reads text from 'tiny:t5'.*set text\.encoder=tiny:t5"),
+    ],
+)  # fmt: skip
+def test_fine_tuning_refuses_a_run_of_another_model_before_any_work(tmp_path, overrides, expected):
+    run = _finished_run(tmp_path / "train" / "0123abcd")
+    cfg = load_config("tiny", [*overrides, f"train.init_from={run}"], workspace=str(tmp_path / "ws"))
+    with pytest.raises(ValueError, match=expected):
+        Plan(cfg).checkpoints  # noqa: B018

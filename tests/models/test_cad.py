@@ -1,3 +1,7 @@
+"""CAD-I (`t2i.models.cad`): shapes and crops, the text mask, self-conditioning and its training pass,
+coherence, every parameter taking part, sizes, and sampling with the latents carried from step to step.
+Equality with the paper's own network is in test_cad_official.py."""
+
 import copy
 from dataclasses import replace
 
@@ -17,10 +21,9 @@ SMALL = CADConfig(
     blocks=2,
     layers_per_block=1,
     heads=4,
-    data_heads=2,
+    read_write_heads=2,
     text_dim=TEXT_DIM,
     num_registers=4,
-    text_layers=2,
 )
 
 
@@ -80,7 +83,7 @@ def test_named_sizes_build_and_run_when_shrunk(size):
     torch.manual_seed(0)
     heads = CAD_SIZES[size].heads
     model = build_cad(
-        size, width=4 * heads, data_width=16, num_latents=4, blocks=1, layers_per_block=1, text_dim=TEXT_DIM
+        size, width=16 * heads, data_width=16, num_latents=4, blocks=1, layers_per_block=1, text_dim=TEXT_DIM
     )
     x, t, text, mask = inputs(height=8, width=12)
     assert randomized(model)(x, t, text, mask).shape == (2, 4, 8, 12)
@@ -91,12 +94,12 @@ def test_crop_uses_the_top_left_of_the_position_table(small_random):
     x, t, text, mask = inputs(height=8, width=8)
     out = small_random(x, t, text, mask)
     other = copy.deepcopy(small_random)
-    with torch.no_grad():
-        other.pos_embed.table[4:] += 1.0
-        other.pos_embed.table[:, 4:] += 1.0
+    side = SMALL.latent_size // SMALL.patch_size
+    table = other.pos_embed.data.view(side, side, -1)  # (grid², width) rows in row-major grid order
+    table[4:] += 1.0
+    table[:, 4:] += 1.0
     assert torch.equal(other(x, t, text, mask), out)
-    with torch.no_grad():
-        other.pos_embed.table[0, 0] += 1.0
+    table[3, 0] += 1.0
     assert not torch.equal(other(x, t, text, mask), out)
 
 
@@ -109,20 +112,25 @@ def test_bad_grids_are_rejected(small):
         small(x, t, text, mask)
 
 
-def test_untrained_output_is_exactly_zero(small):
+def test_initialisation_is_the_papers(small):
+    """Xavier linears with zero biases, truncated N(0, 0.02) tables, layer scale 0.1 in the text tower;
+    the output layer is not zeroed, so the untrained model already predicts something."""
     x, t, text, mask = inputs()
-    prev = torch.randn(2, SMALL.num_latents, SMALL.width)
-    assert torch.count_nonzero(small(x, t, text, mask)) == 0
-    assert torch.count_nonzero(small(x, t, text, mask, latents_prev=prev)) == 0
-    assert torch.count_nonzero(small.blocks[0].read.attn.q.weight) > 0  # not trivially zero everywhere
+    assert torch.count_nonzero(small(x, t, text, mask)) > 0
+    assert torch.count_nonzero(small.blocks[0].read.attn.q.bias) == 0
+    for table in (small.pos_embed, small.latents, small.text_tower.registers):
+        assert table.abs().max() <= 0.04 and table.std() > 0.01
+    assert torch.equal(small.text_tower.layers[0].scale_attn, torch.full((SMALL.width,), 0.1))
+    bound = (6 / (SMALL.width + SMALL.width)) ** 0.5
+    assert small.blocks[0].cond_read.attn.q.weight.abs().max() <= bound
 
 
 def test_self_conditioning_starts_as_an_exact_no_op(small):
     x, t, text, mask = inputs()
     prev = torch.randn(2, SMALL.num_latents, SMALL.width)
-    _, plain = small(x, t, text, mask, return_latents=True)
-    _, conditioned = small(x, t, text, mask, latents_prev=prev, return_latents=True)
-    assert torch.equal(conditioned, plain)
+    out, plain = small(x, t, text, mask, return_latents=True)
+    conditioned_out, conditioned = small(x, t, text, mask, latents_prev=prev, return_latents=True)
+    assert torch.equal(conditioned, plain) and torch.equal(conditioned_out, out)
 
 
 def test_return_latents_shape(small_random):
@@ -148,7 +156,7 @@ def test_training_from_zero_init_moves_every_parameter():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, t, text, mask = inputs(real=(6, 3))
-    for _ in range(3):  # zero-init output layer, then the self-conditioning Linear, then its LayerNorm
+    for _ in range(3):  # the zero-initialised outer self-conditioning LayerNorm first, then its MLP
         out = self_conditioned_forward(model, x, t, text, mask, rate=1.0)
         loss = (out - x).pow(2).mean()
         opt.zero_grad()
@@ -195,6 +203,10 @@ def test_registers_carry_a_fully_masked_caption(small_random):
     with torch.no_grad():
         other.text_tower.registers.add_(torch.randn(other.text_tower.registers.shape))
     assert not torch.allclose(other(x, t, text, mask)[0], out[0], atol=1e-5)
+    other_time = copy.deepcopy(small_random)  # and to the time token, which is always real too
+    with torch.no_grad():
+        other_time.time_embedder.mlp[2].bias.add_(1.0)
+    assert not torch.allclose(other_time(x, t, text, mask)[0], out[0], atol=1e-5)
 
 
 def test_output_depends_on_time(small_random):
@@ -218,8 +230,8 @@ def test_latents_prev_is_a_no_op_until_its_projection_is_trained(small_random):
     assert not torch.allclose(small_random(x, t, text, mask, latents_prev=prev), plain, atol=1e-5)
     zeroed = copy.deepcopy(small_random)
     with torch.no_grad():
-        zeroed.self_cond[-1].weight.zero_()
-        zeroed.self_cond[-1].bias.zero_()
+        zeroed.self_cond.norm_out.weight.zero_()
+        zeroed.self_cond.norm_out.bias.zero_()
     assert torch.equal(zeroed(x, t, text, mask, latents_prev=prev), zeroed(x, t, text, mask))
 
 
@@ -256,34 +268,70 @@ def test_self_conditioning_coin_follows_the_generator(small_random):
     assert torch.equal(run(1), plain)
 
 
-@pytest.mark.parametrize(("size", "low", "high"), [("base", 150e6, 200e6), ("L", 300e6, 400e6)])
-def test_parameter_counts(size, low, high):
+# The official networks' trainable parameter counts (RINTextCond; CADRINTextCond adds its coherence
+# embedder and token).
+@pytest.mark.parametrize(
+    ("size", "coherence", "expected"),
+    [("base", False, 188_372_752), ("L", False, 330_235_152), ("L", True, 331_548_944)],
+)
+def test_parameter_counts_are_the_papers(size, coherence, expected):
     with torch.device("meta"):
-        model = build_cad(size, text_dim=2048)
-    assert model.config.latent_size == 32 and model.config.patch_size == 2
-    assert low <= count_parameters(model) <= high
-
-
-def test_paper_sizes():
-    large, base = CAD_SIZES["L"], CAD_SIZES["base"]
-    assert (large.num_latents, large.width, large.blocks, large.layers_per_block, large.heads) == (
-        256,
-        1024,
-        4,
-        4,
-        16,
-    )
-    assert (base.num_latents, base.width, base.heads) == (128, 768, 12)
-    assert large.num_registers == 16 and large.text_layers == 2 and large.data_width == 256
+        model = build_cad(size, coherence=coherence)
+    assert model.config.latent_size == 32 and model.config.patch_size == 2 and model.config.text_dim == 2048
+    assert count_parameters(model) == expected
 
 
 def test_config_and_size_validation():
     with pytest.raises(KeyError, match="unknown CAD size"):
         build_cad("XXL")
-    with pytest.raises(ValueError, match="heads"):
-        replace(SMALL, width=30)
-    with pytest.raises(ValueError, match="data_heads"):
-        replace(SMALL, data_width=18, data_heads=4)
+    with pytest.raises(ValueError, match=r"width 32 is not divisible by heads \(5\)"):
+        replace(SMALL, heads=5)
+    with pytest.raises(ValueError, match=r"min\(width, data_width\) 18 is not divisible by read_write_heads"):
+        replace(SMALL, data_width=18, read_write_heads=4)
+    with pytest.raises(ValueError, match="text tower's heads"):
+        replace(SMALL, width=40, heads=4)
+    with pytest.raises(ValueError, match="the text is unused"):
+        replace(SMALL, cond_per_block=False)
+    with pytest.raises(ValueError, match="num_cond_tokens"):
+        replace(SMALL, cond_in_latents=True, num_cond_tokens=7)
+
+
+def test_coherence_is_one_unless_given_and_conditions_the_output():
+    torch.manual_seed(0)
+    model = randomized(CAD(replace(SMALL, coherence=True)).eval())
+    x, t, text, mask = inputs()
+    out = model(x, t, text, mask)
+    assert torch.equal(model(x, t, text, mask, coherence=1.0), out)
+    assert torch.equal(model(x, t, text, mask, coherence=torch.ones(2)), out)
+    mixed = model(x, t, text, mask, coherence=torch.tensor([1.0, 0.0]))
+    assert torch.equal(mixed[0], out[0]) and not torch.allclose(mixed[1], out[1], atol=1e-4)
+
+
+def test_conditioning_in_the_latents_needs_the_text_length_it_was_built_for():
+    """cond_in_latents (the official option): the time token, registers and text join the learned latents,
+    num_latents in all, so the text has one length."""
+    config = replace(SMALL, num_latents=16, cond_in_latents=True, cond_per_block=False, num_cond_tokens=10)
+    torch.manual_seed(0)
+    model = randomized(CAD(config))
+    assert model.latents.shape == (16 - 10 - 1, SMALL.width)
+    x, t, text, mask = inputs(length=6)  # 4 registers + 6 tokens = num_cond_tokens
+    out, latents = model(x, t, text, mask, return_latents=True)
+    assert out.shape == x.shape and latents.shape == (2, 16, SMALL.width)
+    x, t, text, mask = inputs(length=5, real=(5, 3))
+    with pytest.raises(ValueError, match="the text must be 6 tokens long"):
+        model(x, t, text, mask)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"coherence": True}, {"cond_in_latents": True, "num_latents": 16, "num_cond_tokens": 10}]
+)
+def test_every_parameter_takes_part_in_the_variants(overrides):
+    model = randomized(CAD(replace(SMALL, **overrides))).train()
+    x, t, text, mask = inputs()
+    out = model(x, t, text, mask, latents_prev=torch.randn(2, model.config.num_latents, SMALL.width))
+    out.square().mean().backward()
+    starved = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert starved == []
 
 
 @pytest.mark.parametrize(("objective", "sampler"), [("epsilon", "ddim"), ("rectified_flow", "euler")])
@@ -313,9 +361,60 @@ def test_sampling_feeds_each_steps_latents_back(small_random, objective, sampler
     assert len(calls) == 4 and calls[0][0] is None
     for (_, returned), (fed, _) in zip(calls[:-1], calls[1:], strict=True):
         assert torch.equal(fed, returned)  # the doubled guidance batch included
+        assert fed.shape[0] == 4
     generator = torch.Generator().manual_seed(0)
     plain = make_objective(objective, sampler).sample(
         small_random, shape, text, mask, null_text, null_mask, generator=generator, **kwargs
     )
     assert not torch.allclose(z, plain, atol=1e-4)
     assert torch.equal(run(), z)  # each run starts again from no latents
+
+
+def test_an_unguided_first_step_feeds_its_latents_to_both_branches_and_coherence_splits_them():
+    """The paper's sampler: step 0 runs the conditional rows alone (coherence 1); its latents then feed the
+    unconditional and the conditional half, which carry their own from there (coherence 0 and 1)."""
+    from t2i.models.architectures import sample_latents
+
+    torch.manual_seed(0)
+    model = randomized(CAD(replace(SMALL, coherence=True)).eval())
+    _, _, text, mask = inputs()
+    null_text, null_mask = torch.randn(2, 3, TEXT_DIM), torch.ones(2, 3, dtype=torch.bool)
+    calls = []
+
+    def record(module, args, call_kwargs, output):
+        calls.append((call_kwargs["latents_prev"], call_kwargs["coherence"].tolist(), output[1].clone()))
+
+    handle = model.register_forward_hook(record, with_kwargs=True)
+    try:
+        sample_latents(
+            "epsilon",
+            "ddim",
+            model,
+            (2, 4, 16, 16),
+            text,
+            mask,
+            null_text,
+            null_mask,
+            steps=3,
+            guidance_scale=16.0,
+            unguided_steps=1,
+            clamp_x0=1.2,
+            gamma_min=1e-9,
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        handle.remove()
+    assert [coherence for _, coherence, _ in calls] == [[1.0, 1.0]] + [[0.0, 0.0, 1.0, 1.0]] * 2
+    assert calls[0][0] is None
+    assert torch.equal(calls[1][0], torch.cat([calls[0][2], calls[0][2]]))
+    assert torch.equal(calls[2][0], calls[1][2])
+
+
+def test_a_run_of_an_older_layout_is_refused_by_its_unknown_fields():
+    from t2i.models.architectures import denoiser_from_config
+
+    fields = {**SMALL.__dict__}
+    model = denoiser_from_config("cad", fields)
+    assert model.config == SMALL
+    with pytest.raises(ValueError, match="does not know: data_heads, text_layers"):
+        denoiser_from_config("cad", {**fields, "data_heads": 2, "text_layers": 2})

@@ -169,11 +169,111 @@ def test_samplers_are_reproducible_and_ddpm_is_stochastic():
     assert not torch.allclose(run("ddpm", 0), run("ddim", 0))
 
 
-def test_clip_x0_bounds_the_estimate_the_ddim_step_moves_towards():
+def test_clamp_x0_bounds_the_estimate_the_ddim_step_moves_towards():
     x, t_now, t_next = torch.full(SHAPE, 3.0), torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.0)
     eps = torch.zeros(SHAPE)  # x0 estimate = x / √γ = 3 / √0.5 ≈ 4.24
     assert Epsilon().step(x, eps, t_now, t_next).max() > 4
-    assert torch.equal(Epsilon(clip_x0=1.0).step(x, eps, t_now, t_next), torch.ones(SHAPE))
+    assert torch.equal(Epsilon(clamp_x0=1.0).step(x, eps, t_now, t_next), torch.ones(SHAPE))
+
+
+def test_clamp_x0_recomputes_the_noise_from_the_clamped_estimate():
+    """Half-way down, x_next = √γ' x̂0 + √(1 − γ') ε̂ with ε̂ = (x − √γ x̂0)/√(1 − γ) and x̂0 clamped."""
+    x = torch.full(SHAPE, 3.0)
+    t_now, t_next = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64)
+    g, g_next = 0.5, 0.75
+    eps_hat = (3.0 - g**0.5 * 1.0) / (1 - g) ** 0.5
+    expected = torch.full(SHAPE, g_next**0.5 * 1.0 + (1 - g_next) ** 0.5 * eps_hat)
+    torch.testing.assert_close(Epsilon(clamp_x0=1.0).step(x, torch.zeros(SHAPE), t_now, t_next), expected)
+
+
+def test_gamma_min_grid_is_the_papers_linear_schedule_from_pure_noise():
+    """γ_i = max(i/N, gamma_min), with t = 1 − i/N rounded as the paper's float32 grid; t_start unused."""
+    times = Epsilon(gamma_min=1e-9, t_start=0.5).times(10)
+    assert times.dtype == torch.float64 and len(times) == 11
+    assert abs(float(Epsilon.gamma(times[0])) - 1e-9) < 1e-15  # pure noise, γ floored
+    steps32 = 1 - torch.arange(11, dtype=torch.float32) / 10
+    assert torch.equal(times[1:], steps32[1:].double())
+    assert times[-1] == 0
+    # A floor above the first steps' γ holds them at 1 − gamma_min.
+    coarse = Epsilon(gamma_min=0.25).times(10)
+    assert torch.equal(coarse[:3], torch.full((3,), 0.75, dtype=torch.float64))
+    # The default grid is unchanged: t_start down to 0.
+    torch.testing.assert_close(Epsilon().times(4), torch.linspace(1 - 1e-3, 0, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gamma_min"):
+        Epsilon(gamma_min=0.0)
+    with pytest.raises(ValueError, match="clamp_x0"):
+        Epsilon(clamp_x0=-1.0)
+
+
+def test_unguided_steps_call_the_conditional_model_alone_then_guide():
+    text, mask, null_text, null_mask = text_inputs()
+    calls = []
+
+    def model_fn(x, t, c, m):
+        calls.append(x.shape[0])
+        return text_dependent_model(x, t, c, m)
+
+    def run(unguided):
+        calls.clear()
+        generator = torch.Generator().manual_seed(0)
+        out = Epsilon().sample(
+            model_fn, SHAPE, text, mask, null_text, null_mask, 4, 3.0, generator, unguided_steps=unguided
+        )
+        return out, list(calls)
+
+    guided, guided_calls = run(0)
+    first, first_calls = run(1)
+    assert guided_calls == [6, 6, 6, 6] and first_calls == [3, 6, 6, 6]
+    assert not torch.allclose(first, guided, atol=1e-4)
+    all_alone, _ = run(
+        4
+    )  # every step unguided: the conditional model alone, as guidance scale 1 without null
+    generator = torch.Generator().manual_seed(0)
+    alone = Epsilon().sample(model_fn, SHAPE, text, mask, None, None, 4, 3.0, generator)
+    assert torch.equal(all_alone, alone)
+    with pytest.raises(ValueError, match="unguided_steps"):
+        run(-1)
+
+
+def test_guide_tells_branch_aware_callables_which_rows_are_conditional():
+    text, mask, null_text, null_mask = text_inputs()
+    seen = []
+
+    class Aware:
+        branch_aware = True
+
+        def __call__(self, x, t, c, m, conditional):
+            seen.append(conditional.tolist())
+            return text_dependent_model(x, t, c, m)
+
+    x, t = torch.randn(SHAPE), torch.rand(3)
+    guided = guide(Aware(), x, t, text, mask, null_text, null_mask, 3.0)
+    guide(Aware(), x, t, text, mask, None, None, 3.0)
+    assert seen == [[False] * 3 + [True] * 3, [True] * 3]
+    torch.testing.assert_close(
+        guided, guide(text_dependent_model, x, t, text, mask, null_text, null_mask, 3.0)
+    )
+
+
+def test_one_unconditional_text_per_sample():
+    """Per-sample unconditional prompts (the paper's random words): each row is guided by its own."""
+    text, mask, _, _ = text_inputs()
+    generator = torch.Generator().manual_seed(5)
+    null_text, null_mask = torch.randn(3, 2, 16, generator=generator), torch.ones(3, 2, dtype=torch.bool)
+    x, t = torch.randn(SHAPE), torch.rand(3)
+    both = guide(text_dependent_model, x, t, text, mask, null_text, null_mask, 2.0)
+    for i in range(3):
+        one = guide(
+            text_dependent_model,
+            x[i : i + 1],
+            t[i : i + 1],
+            text[i : i + 1],
+            mask[i : i + 1],
+            null_text[i : i + 1],
+            null_mask[i : i + 1],
+            2.0,
+        )
+        torch.testing.assert_close(both[i : i + 1], one)
 
 
 # --- rectified flow ----------------------------------------------------------------------------------
@@ -366,7 +466,7 @@ def test_the_loss_and_the_sampler_drive_a_tiny_dit_with_ema():
 
 def test_the_factory_resolves_auto_and_refuses_a_sampler_of_the_other_objective():
     assert objective("epsilon") == Epsilon(sampler="ddim")
-    assert objective("epsilon", "ddpm", clip_x0=2.0) == Epsilon(sampler="ddpm", clip_x0=2.0)
+    assert objective("epsilon", "ddpm", clamp_x0=2.0) == Epsilon(sampler="ddpm", clamp_x0=2.0)
     assert objective("rectified_flow", "auto", shift=3.0) == RectifiedFlow(sampler="euler", shift=3.0)
     with pytest.raises(
         ValueError, match=r"evaluate.sampler: 'euler' does not fit a epsilon model; allowed: auto, ddim, ddpm"
@@ -374,3 +474,5 @@ def test_the_factory_resolves_auto_and_refuses_a_sampler_of_the_other_objective(
         objective("epsilon", "euler")
     with pytest.raises(ValueError, match="allowed: auto, euler"):
         objective("rectified_flow", "ddim")
+    with pytest.raises(ValueError, match="clamp_x0: not an option of the rectified_flow objective"):
+        objective("rectified_flow", clamp_x0=1.2)

@@ -23,6 +23,10 @@ import pytest
 from tests.conftest import SMALL_PIPELINE, T2I, _free_port
 
 PREFECT = str(Path(T2I).with_name("prefect"))
+# Debian's chromium, installed by `make test` (no browser download); tests that need it skip without it
+CHROMIUM = next(
+    (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "") if Path(p).is_file()), None
+)
 POOL = "ci"
 CRASH_AFTER = 60  # the automation's window in these tests (workers beat every 30 s)
 SMALL = SMALL_PIPELINE  # as the single-process reference run, so outputs can be compared
@@ -113,6 +117,23 @@ class Service:
         """Start a run of a deployment (what the UI's Run button does); returns its id."""
         dep = self.api(f"/deployments/name/{deployment}")
         return self.api(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"cfg": cfg}})["id"]
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1400, height: int = 1000):
+    """A page of headless Chromium (Playwright driving Debian's binary), closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
 
 
 def descendants(pid: int) -> list[int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -15,11 +14,8 @@ from PIL import Image
 from t2i.flows.config import PipelineConfig
 from t2i.flows.plan import Plan
 from tests.conftest import REPO
-from tests.service.conftest import config
+from tests.service.conftest import CHROMIUM, chromium_page, config
 
-CHROMIUM = next(
-    (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "") if Path(p).is_file()), None
-)
 SHOTS = REPO / "test-output" / "ui"
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: `make test` installs Debian's package")
@@ -27,15 +23,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: `make tes
 
 @pytest.fixture
 def page(service):
-    from playwright.sync_api import sync_playwright
-
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
+    with chromium_page() as page:
         page.goto(service.url.removesuffix("/api") + "/dashboard")
         password = page.locator("input[type=password]")
         password.wait_for()  # the server requires its auth string: the UI asks for it first
@@ -43,10 +32,7 @@ def page(service):
         password.fill(service.auth)
         password.press("Enter")
         page.get_by_text("Dashboard").first.wait_for()
-        try:
-            yield page
-        finally:
-            browser.close()
+        yield page
 
 
 def _wait_for_state(page, state: str, shot: str, timeout_s: float = 400) -> None:
