@@ -82,8 +82,19 @@ def test_one_parts_worker_per_gpu_group_and_one_for_whole_runs():
 
 
 def _children(pid: int) -> list[int]:
+    """The children that have started their own program: one caught between fork and exec still shows its
+    parent's command line and environment."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
+    children = [int(c) for c in path.read_text().split()] if path.exists() else []
+    parent = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [c for c in children if _cmdline(c) not in (parent, None)]
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:  # gone since it was listed
+        return None
 
 
 def _environ(pid: int) -> dict[str, str]:
