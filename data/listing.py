@@ -279,6 +279,13 @@ def list_wds(workspace: Path, source: str, class_field: str) -> SourceSummary:
         )
     reasons = table["reason"].drop_null().value_counts().to_pylist()
     unlabelled = pc.sum(pc.and_(pc.equal(table["label"], -1), pc.is_null(table["reason"]))).as_py() or 0
+    if (
+        unlabelled
+    ):  # kept (captions need no class), but a class-name captioner or a class count would be wrong
+        log.warning(
+            "%d of the %d samples of %s have no class where download.wds_class=%s looks (kept, label -1)",
+            unlabelled, table.num_rows, source, class_field,
+        )  # fmt: skip
     rest = os.path.abspath(os.path.expanduser(source.partition(":")[2]))
     return SourceSummary(
         kind="wds",
@@ -351,7 +358,8 @@ def with_duplicates_rejected(table: pa.Table) -> pa.Table:
 
 
 def _check_class_field(table: pa.Table, source: str, class_field: str) -> None:
-    """A class field that no sample holds readably is a config error, not a million rejects."""
+    """A class field whose members no sample can read is a config error, not a million rejects (samples
+    without any class member are kept unlabelled, with a warning: captions need no class)."""
     bad = pc.equal(table["reason"], BAD_CLASS)
     if pc.any(bad).as_py() and not pc.any(pc.not_equal(table["label"], -1)).as_py():
         example = table.filter(bad).slice(0, 1).to_pylist()[0]

@@ -122,7 +122,9 @@ class TarHeaders:
                     else f"the tar ends at byte {self.size}, without its end-of-archive block"
                 )
                 return
-            if not block.strip(b"\0"):
+            if not block.strip(b"\0"):  # the end-of-archive marker is two zero blocks, then only padding
+                if self.read(offset + BLOCK, BLOCK).strip(b"\0") or offset == 0:
+                    self.end = f"a zero block at byte {offset} before the end of the archive"
                 return
             try:
                 name, size, kind = _header(block)

@@ -482,14 +482,14 @@ class TrainConfig(StageConfig):
         None,
         description="Fine-tune: start from the final weights (EMA too) of another train run, given by its "
         "folder (e.g. one `t2i import-model` wrote from the paper's released CAD-I); that run's fingerprint, "
-        "not its path, enters this run's. model and size must match it; its model config (patch size, "
-        "widths) is taken as it is. None: random initialisation.",
+        "not its path, enters this run's. train.model and text.encoder must match it; its model config (size, "
+        "patch size, widths) is taken as it is, whatever train.size says. None: random initialisation.",
     )
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim", "trackio"]] = Field(
         ["tensorboard"],
         description="Experiment trackers (through accelerate) that receive the logged scalars and sample "
-        "grids: tensorboard (in the run folder), wandb, mlflow, aim, trackio (`pip install "
-        "t2i-imagenet[trackers]`). Credentials and servers come from their own environment variables "
+        "grids: tensorboard (in the run folder), wandb, mlflow, aim, trackio (extras: `pip install "
+        "'t2i-imagenet[wandb]'`, [mlflow], [aim], [trackio]). Credentials and servers come from their own environment variables "
         "(WANDB_API_KEY, WANDB_MODE, MLFLOW_TRACKING_URI, ...); [] logs to none.",
     )
     tracker_project: str = Field(

@@ -119,7 +119,13 @@ def train_run(ref: str, workspace: str | Path, field: str) -> Artifact:
             f"{field}: {ref!r} is not a finished train run (a folder with {MANIFEST} and {FINAL}/config.json, "
             "as `t2i train` or `t2i import-model` write; `t2i status` prints the train folder)"
         )
-    return Artifact(path.parents[1], path.parent.name, path.name)
+    manifest = json.loads((path / MANIFEST).read_text())
+    if (manifest.get("stage"), manifest.get("fingerprint")) != ("train", path.name):
+        raise ValueError(
+            f"{field}: {path} holds the {manifest.get('stage')} output {manifest.get('fingerprint')!r}, not a "
+            "train run in its own folder (`<workspace>/train/<fingerprint>`): pass the run's folder as written"
+        )
+    return Artifact(path.parents[1], "train", path.name)
 
 
 def initial_run_meta(run: Artifact, architecture: str, text_encoder: str) -> dict[str, Any]:

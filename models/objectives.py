@@ -310,6 +310,7 @@ def objective(name: str, sampler: str = "auto", **options) -> Objective:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(
-            f"{', '.join(unknown)}: not an option of the {name} objective; its options: {', '.join(known)}"
+            f"evaluate.{', evaluate.'.join(unknown)}: not an option of a {name} model's sampler; its options: "
+            f"{', '.join(known)}"
         )
     return cls(sampler=sampler, **options)

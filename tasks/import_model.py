@@ -12,6 +12,7 @@ train.init_from=<folder>`.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -111,6 +112,15 @@ def import_paper_model(
     return run, True
 
 
+def is_paper_folder(folder: Path) -> bool:
+    """Whether `folder` holds a model in the paper's format (what an export there may replace)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"latents_dim", "data_dim", "label_dim"} <= config.keys()
+
+
 def export_paper_model(run, out: Path) -> None:
     """A run's CAD-I in the paper's format (`CAD.from_pretrained(out)` of their `pipe.py` loads it)."""
     from t2i.models.cad import CAD
@@ -121,6 +131,6 @@ def export_paper_model(run, out: Path) -> None:
             f"export-model --format paper: the run is a {run.meta.get('architecture')} model; only CAD-I "
             "(train.model=cad) has the paper's format"
         )
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ConfigError(f"--out {out} is a non-empty folder that holds no exported model; choose another")
+    if out.is_dir() and any(out.iterdir()) and not is_paper_folder(out):
+        raise ConfigError(f"--out {out} is a non-empty folder that holds no CAD-I in the paper's format")
     write_official(out, run.model.config, run.model.state_dict())

@@ -39,6 +39,19 @@ def header(cfg: PipelineConfig, arch: str) -> list[str]:
     ]
 
 
+def limitations(cfg: PipelineConfig, run, train: dict[str, Any]) -> list[str]:
+    """What the weights were trained on and at which size (an imported run's: the paper's)."""
+    size = run.meta["latent_shape"][-1] * 8 if "imported_from" in train else cfg.latents.resolution
+    data = (
+        "- Trained by the paper's authors on ImageNet and its synthetic captions (see the paper): subjects, "
+        "styles and text rendering outside that data are weak."
+        if "imported_from" in train
+        else "- Trained only on the images above and their synthetic captions: subjects, styles and text "
+        "rendering outside that data are weak, and the captioner's mistakes and biases are learned too."
+    )
+    return [data, f"- {size} px only; no safety filter."]
+
+
 def imported_rows(run, train: dict[str, Any]) -> list[str]:
     """The card's provenance of a run `t2i import-model` made: the released weights it converted."""
     origin, meta = train["imported_from"], run.meta
@@ -147,9 +160,7 @@ def model_card(cfg: PipelineConfig, run, out: Path, location: str) -> None:
         "",
         "## Limitations",
         "",
-        "- Trained only on the images above and their synthetic captions: subjects, styles and text rendering "
-        "outside that data are weak, and the captioner's mistakes and biases are learned too.",
-        f"- {cfg.latents.resolution} px only; no safety filter.",
+        *limitations(cfg, run, train),
         "- The training images' terms of use apply to the weights (ImageNet: non-commercial research).",
         "",
         "## Provenance",

@@ -30,7 +30,7 @@ from t2i.models.cad import self_conditioned_forward
 from t2i.models.conditioning import apply_text_dropout, trim_padding
 from t2i.models.dit import count_parameters
 from t2i.models.ema import EMA
-from t2i.models.latent_norm import LatentNorm, describe_latent_norm
+from t2i.models.latent_norm import LatentNorm, describe_latent_norm, per_channel_latent_norm
 from t2i.models.loading import initial_run_meta, resolve_model, train_run
 from t2i.models.lr_schedule import lr_factor
 from t2i.models.objectives import Objective, objective, pad_text
@@ -56,6 +56,11 @@ class NonFiniteLoss(StopTraining):
 
 class CheckpointWriteFailed(StopTraining):
     pass
+
+
+class InitialRunMismatch(StopTraining):
+    """The run `train.init_from` names does not fit this run's latents or text: every rank stops, with no
+    restart (another try would fail the same way)."""
 
 
 class TrackersUnavailable(StopTraining):
@@ -459,32 +464,56 @@ def resume_point(accelerator, root: Path, log) -> tuple[str | None, dict[str, An
     return name, found[1] if found else load_state(root / CHECKPOINTS / name)
 
 
-def initial_weights(cfg: TrainConfig, text_encoder: str, workspace: Path, latent_shape, text_dim: int):
-    """(meta, final weights) of the run `train.init_from` names, checked against this run's latents and text
-    before any step; None without one. Every rank reads the file (memory-mapped safetensors)."""
+@dataclass
+class InitialRun:
+    """The run a fine-tuning run starts from (`train.init_from`): its meta, and its final weights, read only
+    when a run starts fresh (a resumed run loads its checkpoint instead)."""
+
+    root: Path
+    meta: dict[str, Any]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.root / FINAL / "model.safetensors")
+
+
+def initial_run(job: TrainJob, latent_shape, text_dim: int, log) -> InitialRun | None:
+    """The run `train.init_from` names, checked against this run's latents and text before any step (a
+    mismatch stops every rank); None without one."""
+    cfg = job.train
     if cfg.init_from is None:
         return None
-    from safetensors.torch import load_file
-
-    run = train_run(cfg.init_from, workspace, "train.init_from")
-    meta = initial_run_meta(run, cfg.model, text_encoder)
+    try:
+        run = train_run(cfg.init_from, job.checkpoints.workspace, "train.init_from")
+        meta = initial_run_meta(run, cfg.model, job.text.encoder)
+    except (OSError, ValueError) as err:
+        raise InitialRunMismatch(str(err)) from None
     model_cfg, (c, h, _) = meta["model_config"], latent_shape
     if model_cfg["latent_channels"] != c or model_cfg["latent_size"] < h or model_cfg["text_dim"] != text_dim:
-        raise ConfigError(
+        raise InitialRunMismatch(
             f"train.init_from: {run.root} was trained on {model_cfg['latent_channels']}-channel latents up to "
             f"{model_cfg['latent_size']}² with {model_cfg['text_dim']}-wide text; this run's are {c}-channel, "
             f"{h}², {text_dim}-wide"
         )
-    return meta, load_file(run.root / FINAL / "model.safetensors")
+    theirs, ours = (per_channel_latent_norm(n, c) for n in (meta["latent_norm"], job.latent_norm))
+    if theirs != ours:  # allowed (a new VAE scale on purpose), but the weights start on other inputs
+        log.warning(
+            f"[train] train.init_from: {run.root} saw latents normalised by "
+            f"{describe_latent_norm(meta['latent_norm'])}, this run normalises by "
+            f"{describe_latent_norm(job.latent_norm)} (train.scale_factor / shift_factor)"
+        )
+    return InitialRun(run.root, meta)
 
 
 def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: Path, log, start=None):
-    """Model, EMA, optimizer and scheduler on the training device (the model from the `start` weights when
-    fine-tuning), resumed from the newest good checkpoint, then prepared (DDP); the step to continue from."""
+    """Model, EMA, optimizer and scheduler on the training device, resumed from the newest good checkpoint,
+    else (fine-tuning) from the `start` run's weights; then prepared (DDP); the step to continue from."""
+    name, state = resume_point(accelerator, root, log)
     torch.manual_seed(cfg.seed)
     model = build()
-    if start is not None:
-        model.load_state_dict(start)
+    if start is not None and state is None:
+        model.load_state_dict(start.weights())
     model = model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -492,7 +521,6 @@ def build_trainer(cfg, accelerator, build, text: TrainText, latent_norm, root: P
     )
     trainer = Trainer(cfg, accelerator, model, EMA(model, decay=cfg.ema_decay), optimizer, scheduler, text)
     step = 0
-    name, state = resume_point(accelerator, root, log)
     if state is not None:
         step = restore(trainer, state)
         del state
@@ -581,15 +609,14 @@ def open_run(job: TrainJob, log) -> Run:
     table, comps = train_tables(job)
     text = TrainText(job.text, table, job.checkpoints.workspace, accelerator.device, cfg.text_buckets)
     c, h, _ = table.latent_shape
-    initial = initial_weights(cfg, job.text.encoder, job.checkpoints.workspace, table.latent_shape, text.dim)
+    start = initial_run(job, table.latent_shape, text.dim, log)
 
     def build() -> torch.nn.Module:
-        if initial is not None:  # fine-tuning: the starting run's architecture, as it was trained
-            return denoiser_from_config(initial[0]["architecture"], initial[0]["model_config"])
+        if start is not None:  # fine-tuning: the starting run's architecture, as it was trained
+            return denoiser_from_config(start.meta["architecture"], start.meta["model_config"])
         sizes = {"latent_channels": c, "latent_size": h, "text_dim": text.dim, "patch_size": cfg.patch_size}
         return build_denoiser(cfg.model, cfg.size, **sizes)
 
-    start = None if initial is None else initial[1]
     trainer, step = build_trainer(cfg, accelerator, build, text, job.latent_norm, root, log, start)
     last_stop = cfg.steps if job.stop_after is None else min(cfg.steps, job.stop_after)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,7 @@ def test_imagenet256_encodes_text_in_bfloat16(workspace):
 def _finished_run(root: Path, architecture: str = "cad", encoder: str = "tiny:t5") -> Path:
     """A train run folder as our loaders see it: a manifest and `final/config.json`."""
     (root / "final").mkdir(parents=True)
-    (root / "manifest.json").write_text("{}")
+    (root / "manifest.json").write_text(json.dumps({"stage": "train", "fingerprint": root.name}))
     meta = {"architecture": architecture, "text_encoder": {"encoder": encoder}}
     (root / "final" / "config.json").write_text(json.dumps(meta))
     return root
@@ -162,4 +163,16 @@ def test_fine_tuning_refuses_a_run_of_another_model_before_any_work(tmp_path, ov
     run = _finished_run(tmp_path / "train" / "0123abcd")
     cfg = load_config("tiny", [*overrides, f"train.init_from={run}"], workspace=str(tmp_path / "ws"))
     with pytest.raises(ValueError, match=expected):
+        Plan(cfg).checkpoints  # noqa: B018
+
+
+def test_a_run_folder_must_hold_its_own_train_run(tmp_path):
+    """A copied or renamed run folder would pass its folder name off as the run's fingerprint: refused."""
+    run = _finished_run(tmp_path / "train" / "0123abcd")
+    copy = tmp_path / "train" / "copy-of-run"
+    shutil.copytree(run, copy)
+    cfg = load_config("tiny", ["train.model=cad", f"train.init_from={copy}"], workspace=str(tmp_path / "ws"))
+    with pytest.raises(
+        ValueError, match=r"train\.init_from: .*copy-of-run holds the train output '0123abcd'"
+    ):
         Plan(cfg).checkpoints  # noqa: B018

@@ -474,5 +474,7 @@ def test_the_factory_resolves_auto_and_refuses_a_sampler_of_the_other_objective(
         objective("epsilon", "euler")
     with pytest.raises(ValueError, match="allowed: auto, euler"):
         objective("rectified_flow", "ddim")
-    with pytest.raises(ValueError, match="clamp_x0: not an option of the rectified_flow objective"):
+    with pytest.raises(
+        ValueError, match="evaluate.clamp_x0: not an option of a rectified_flow model.s sampler"
+    ):
         objective("rectified_flow", clamp_x0=1.2)

@@ -227,6 +227,27 @@ def test_tar_headers_read_what_tarfile_reads(tmp_path, fmt):
     assert [n for n, _, _ in expected] == names
 
 
+def test_a_zero_block_inside_a_tar_is_damage_not_its_end(tmp_path):
+    """Only two zero blocks end a tar: a lone one before more members (a bad copy, a preallocated file) names
+    the tar as damaged instead of silently ending its listing; a tar of zeros lists nothing, damaged."""
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("a.jpg", "b.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 600
+            tar.addfile(info, io.BytesIO(bytes(600)))
+    raw = path.read_bytes()
+    with TarHeaders(path) as tar:
+        assert [m.name for m in tar] == ["a.jpg", "b.jpg"] and tar.end is None
+    second = 512 + 1024  # a.jpg's header and its 600 bytes padded to two blocks
+    path.write_bytes(raw[:second] + bytes(512) + raw[second:])
+    with TarHeaders(path) as tar:
+        assert [m.name for m in tar] == ["a.jpg"] and "zero block at byte 1536" in tar.end
+    path.write_bytes(bytes(10240))
+    with TarHeaders(path) as tar:
+        assert list(tar) == [] and "zero block at byte 0" in tar.end
+
+
 def test_json_class_members_are_read_from_json(tmp_path):
     """`json:<field>` takes nested fields and integer values; the listing is cached per class field."""
     from t2i.data.listing import source_summary
