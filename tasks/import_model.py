@@ -11,7 +11,6 @@ train.init_from=<folder>`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -19,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from t2i.data import versions
-from t2i.data.store import Artifact, fingerprint
+from t2i.data.store import Artifact, file_sha256, fingerprint
 from t2i.flows.config import ConfigError, PipelineConfig
+from t2i.models.cad_official import PICKLE_FILE, SAFETENSORS_FILE
 
 PAPER_TEXT_ENCODER = "google/flan-t5-xl"
 PAPER_TEXT_LENGTH = 128  # the paper's tokenizer truncates captions there
 PAPER_VAE = "benjamin-paine/stable-diffusion-v1-5/vae"  # the decoder of the paper's pipe.py (SD-1.5's VAE)
 PAPER_LATENT_SCALE = 0.18215
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = (SAFETENSORS_FILE, PICKLE_FILE)  # read_official reads the first present
 
 
 def source_folder(source: str, revision: str | None) -> Path:
@@ -49,11 +49,7 @@ def weights_digest(folder: Path) -> str:
     """sha256 of the folder's weight file (the first of WEIGHT_FILES present)."""
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            digest = hashlib.sha256()
-            with open(folder / name, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            return digest.hexdigest()
+            return file_sha256(folder / name)
     raise FileNotFoundError(f"import-model: {folder} holds none of {', '.join(WEIGHT_FILES)}")
 
 
